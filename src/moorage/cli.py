@@ -1,0 +1,71 @@
+"""The ``moorage`` command: run the daemon, print the effective config or the version."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from moorage import CRI_API_VERSION, __version__, config
+
+
+def _git_commit() -> str:
+    """The commit moorage was installed from, when it runs from a git checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "HEAD"],
+            capture_output=True, text=True, timeout=5, check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moorage", description="A Kubernetes CRI runtime.")
+    p.add_argument("--config", type=Path, help=f"main config file (default {config.DEFAULT_CONFIG})")
+    p.add_argument("--config-dir", type=Path,
+                   help=f"drop-in dir, *.toml in lexical order (default {config.DEFAULT_CONFIG_DIR})")
+    p.add_argument("--listen", type=Path, help="unix socket path for the CRI server")
+    p.add_argument("--root", type=Path, help="persistent state directory")
+    p.add_argument("--runroot", type=Path, help="volatile state directory")
+    p.add_argument("--registries-conf", type=Path, help="containers-registries.conf(5) file")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", choices=["text", "json"])
+    p.add_argument("--cgroup-manager", choices=["cgroupfs", "systemd"])
+    sub = p.add_subparsers(dest="command")
+    sub.add_parser("run", help="run the daemon (the default)")
+    sub.add_parser("config", help="print the effective configuration as commented TOML")
+    sub.add_parser("version", help="print the version, CRI API version and git commit")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "version":
+        print(f"moorage {__version__}\nCRI API {CRI_API_VERSION}\ngit commit {_git_commit()}")
+        return 0
+    overrides: dict[str, Any] = {name: getattr(args, name) for name in config.FLAG_KEYS}
+    try:
+        cfg = config.load(args.config, args.config_dir, overrides)
+    except config.ConfigError as e:
+        print(f"moorage: {e}", file=sys.stderr)
+        return 2
+    if args.command == "config":
+        sys.stdout.write(config.render(cfg))
+        return 0
+    from moorage import daemon  # grpc is imported only when the daemon runs
+
+    try:
+        daemon.run(cfg)
+    except daemon.StartError as e:
+        print(f"moorage: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""The daemon's configuration: one typed, validated object.
+
+Sources, later ones winning: built-in defaults, the main TOML file
+(``/etc/moorage/moorage.toml``), the drop-ins of the config dir
+(``/etc/moorage/moorage.d/*.toml``, in lexical order, merged table by table), then
+command-line flags. An unknown key or a bad value stops the start with an error that
+names the key, as CRI-O does with ``crio.conf``.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+DEFAULT_CONFIG = Path("/etc/moorage/moorage.toml")
+DEFAULT_CONFIG_DIR = Path("/etc/moorage/moorage.d")
+MIB = 1024 * 1024
+
+
+class ConfigError(Exception):
+    """A config file or flag that cannot be used; the message names the key and the file."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class ApiConfig(_Section):
+    listen: Path = Field(
+        Path("/run/moorage/moorage.sock"),
+        description="Unix socket the CRI gRPC server listens on (flag --listen).",
+    )
+    socket_mode: int = Field(
+        0o660, ge=0, le=0o777, description="Permission bits of the socket file (0o660)."
+    )
+    grpc_max_recv_msg_size: int = Field(
+        80 * MIB,
+        ge=16 * MIB,
+        description="Largest gRPC message accepted, in bytes (kubelet sends up to 16 MiB).",
+    )
+    grpc_max_send_msg_size: int = Field(
+        80 * MIB, ge=16 * MIB, description="Largest gRPC message sent, in bytes."
+    )
+
+
+class RuntimeConfig(_Section):
+    cgroup_manager: Literal["cgroupfs", "systemd"] = Field(
+        "cgroupfs",
+        description="cgroup driver reported to kubelet by RuntimeConfig; must match kubelet's "
+        "cgroupDriver (flag --cgroup-manager).",
+    )
+
+
+class ImageConfig(_Section):
+    registries_conf: Path = Field(
+        Path("/etc/containers/registries.conf"),
+        description="containers-registries.conf(5) file: search registries, mirrors, "
+        "insecure and blocked registries; a missing file means defaults "
+        "(flag --registries-conf).",
+    )
+    registries_certs_dir: Path = Field(
+        Path("/etc/containers/certs.d"),
+        description="Per-registry TLS material, as containers-certs.d(5): "
+        "<dir>/<host[:port]>/*.crt are extra CA certificates.",
+    )
+    max_concurrent_downloads: int = Field(
+        3, ge=1, le=64, description="Layers downloaded at once, over all pulls."
+    )
+    pull_progress_timeout: float = Field(
+        300.0,
+        ge=0,
+        description="Seconds a pull may make no progress before it fails; 0 turns it off.",
+    )
+    max_manifest_size: int = Field(
+        4 * MIB, ge=64 * 1024, description="Largest manifest or image config accepted, in bytes."
+    )
+    max_layer_size: int = Field(
+        0,
+        ge=0,
+        description="Largest uncompressed layer accepted, in bytes; 0 means no limit.",
+    )
+
+
+class Config(_Section):
+    root: Path = Field(
+        Path("/var/lib/moorage"),
+        description="Persistent state: images, container and sandbox records (flag --root).",
+    )
+    runroot: Path = Field(
+        Path("/run/moorage"),
+        description="Volatile state, empty after a reboot (flag --runroot).",
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Daemon log level (flag --log-level)."
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="Daemon log lines: key=value text or one JSON object (flag --log-format).",
+    )
+    api: ApiConfig = ApiConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+    image: ImageConfig = ImageConfig()
+
+    @field_validator("root", "runroot")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        if not value.is_absolute():
+            raise ValueError("must be an absolute path")
+        return value
+
+
+#: Command-line flags that override a key, as CRI-O names them: flag -> dotted key.
+FLAG_KEYS: dict[str, str] = {
+    "listen": "api.listen",
+    "root": "root",
+    "runroot": "runroot",
+    "registries_conf": "image.registries_conf",
+    "log_level": "log_level",
+    "log_format": "log_format",
+    "cgroup_manager": "runtime.cgroup_manager",
+}
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config {path}: not valid TOML: {e}") from e
+    except OSError as e:
+        raise ConfigError(f"config {path}: cannot read: {e.strerror}") from e
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    *tables, key = dotted.split(".")
+    node = data
+    for table in tables:
+        node = node.setdefault(table, {})
+    node[key] = value
+
+
+def _describe(error: ValidationError, sources: list[Path]) -> str:
+    lines = []
+    for err in error.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            lines.append(f"unknown key {key!r}")
+        else:
+            lines.append(f"key {key!r}: {err['msg']} (got {err.get('input')!r})")
+    where = ", ".join(str(s) for s in sources) or "flags"
+    return f"invalid configuration ({where}): " + "; ".join(lines)
+
+
+def load(
+    config_file: Path | None = None,
+    config_dir: Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Config:
+    """Build the effective config.
+
+    ``config_file``/``config_dir`` of ``None`` mean the defaults, which may be absent;
+    files named explicitly must exist. ``overrides`` maps flag names of ``FLAG_KEYS``
+    (or dotted keys) to values; ``None`` values are ignored.
+    """
+    data: dict[str, Any] = {}
+    sources: list[Path] = []
+    main = config_file or DEFAULT_CONFIG
+    if config_file is not None or main.exists():
+        data = _read_toml(main)
+        sources.append(main)
+    drop_dir = config_dir or DEFAULT_CONFIG_DIR
+    if config_dir is not None and not drop_dir.is_dir():
+        raise ConfigError(f"config dir {drop_dir}: not a directory")
+    if drop_dir.is_dir():
+        for path in sorted(drop_dir.glob("*.toml")):
+            data = _merge(data, _read_toml(path))
+            sources.append(path)
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(data, FLAG_KEYS.get(name, name), value)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_describe(e, sources)) from e
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    text = str(value)
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _render_section(model: BaseModel, lines: list[str]) -> list[tuple[str, BaseModel]]:
+    tables: list[tuple[str, BaseModel]] = []
+    for name, field in type(model).model_fields.items():
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            tables.append((name, value))
+            continue
+        if field.description:
+            lines.append(f"# {field.description}")
+        if name == "socket_mode":
+            lines.append(f"{name} = 0o{value:o}")
+        else:
+            lines.append(f"{name} = {_toml_value(value)}")
+    return tables
+
+
+def render(config: Config) -> str:
+    """The effective config as commented TOML, loadable again as a config file."""
+    lines = ["# moorage configuration (effective values)", ""]
+    tables = _render_section(config, lines)
+    for name, section in tables:
+        lines += ["", f"[{name}]"]
+        _render_section(section, lines)
+    return "\n".join(lines) + "\n"
+
+
+def as_info(config: Config) -> dict[str, Any]:
+    """The config as plain JSON-able data, for ``Status`` verbose info."""
+    result: dict[str, Any] = config.model_dump(mode="json")
+    return result

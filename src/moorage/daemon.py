@@ -1,0 +1,157 @@
+"""The daemon: wiring from config to stores to the gRPC server, the socket, and signals."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import os
+import signal
+import socket
+import stat
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from moorage import __version__, config, log
+from moorage.cri.v1 import api_pb2_grpc as pb_grpc
+from moorage.image import registries
+from moorage.image.pull import Puller
+from moorage.image.registry import RegistryClient
+from moorage.image.store import ImageStore
+from moorage.server.image import ImageService
+from moorage.server.runtime import RuntimeService
+from moorage.storage import container_fs_usage
+
+_log = log.get("moorage.daemon")
+
+
+class StartError(Exception):
+    """The daemon cannot start; the message says why."""
+
+
+def _probe_socket(path: Path) -> None:
+    """Refuse a socket a live daemon serves; remove a stale one."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise StartError(f"listen path {path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(2)
+        probe.connect(str(path))
+    except OSError as e:
+        if e.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+            raise StartError(f"listen socket {path}: cannot probe it: {e.strerror}") from e
+        _log.info("daemon.stale_socket_removed", path=str(path))
+        path.unlink(missing_ok=True)
+        return
+    finally:
+        probe.close()
+    raise StartError(f"another daemon is already serving on {path}")
+
+
+def _lock(runroot: Path) -> int:
+    """Hold ``<runroot>/moorage.lock`` for the daemon's life: one daemon per state dir."""
+    runroot.mkdir(parents=True, exist_ok=True, mode=0o711)
+    fd = os.open(runroot / "moorage.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as e:
+        os.close(fd)
+        raise StartError(f"another moorage daemon is running with runroot {runroot}") from e
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+class Daemon:
+    def __init__(self, cfg: config.Config) -> None:
+        self.cfg = cfg
+        self.server: grpc.aio.Server | None = None
+        self._lock_fd = -1
+        self._stopping = asyncio.Event()
+
+    def info(self) -> dict[str, Any]:
+        return {"config": config.as_info(self.cfg), "version": __version__}
+
+    async def start(self) -> None:
+        cfg = self.cfg
+        self._lock_fd = _lock(cfg.runroot)
+        cfg.root.mkdir(parents=True, exist_ok=True, mode=0o711)
+        listen = cfg.api.listen
+        listen.parent.mkdir(parents=True, exist_ok=True, mode=0o711)
+        _probe_socket(listen)
+        try:
+            reg_conf = registries.RegistriesConfig.load(cfg.image.registries_conf)
+        except Exception as e:
+            raise StartError(f"registries_conf {cfg.image.registries_conf}: {e}") from e
+        self.store = ImageStore(cfg.root / "images", reg_conf)
+        await asyncio.to_thread(self.store.load)
+        self.client = RegistryClient(
+            certs_dir=cfg.image.registries_certs_dir,
+            stall_timeout=cfg.image.pull_progress_timeout,
+            max_manifest_size=cfg.image.max_manifest_size,
+        )
+        puller = Puller(
+            self.store, self.client,
+            max_concurrent_downloads=cfg.image.max_concurrent_downloads,
+            max_manifest_size=cfg.image.max_manifest_size,
+            max_layer_size=cfg.image.max_layer_size,
+        )
+        containers_dir = cfg.root / "containers"
+
+        async def container_fs() -> Any:
+            return await container_fs_usage(containers_dir)
+
+        server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", cfg.api.grpc_max_recv_msg_size),
+            ("grpc.max_send_message_length", cfg.api.grpc_max_send_msg_size),
+        ])
+        pb_grpc.add_RuntimeServiceServicer_to_server(
+            RuntimeService(cfg.runtime.cgroup_manager, self.info), server)
+        pb_grpc.add_ImageServiceServicer_to_server(
+            ImageService(self.store, puller, container_fs), server)
+        old_umask = os.umask(0o777 & ~cfg.api.socket_mode)
+        try:
+            if server.add_insecure_port(f"unix:{listen}") == 0:
+                raise StartError(f"cannot listen on {listen}")
+            await server.start()
+        finally:
+            os.umask(old_umask)
+        os.chmod(listen, cfg.api.socket_mode)
+        self.server = server
+        _log.info("daemon.started", listen=str(listen), version=__version__, root=str(cfg.root),
+                  runroot=str(cfg.runroot), images=len(self.store.list()))
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        await self.start()
+        await self._stopping.wait()
+        await self.stop()
+
+    async def stop(self) -> None:
+        _log.info("daemon.stopping")
+        if self.server is not None:
+            await self.server.stop(grace=5)
+        with contextlib.suppress(AttributeError):
+            await self.client.close()
+        self.cfg.api.listen.unlink(missing_ok=True)
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+        _log.info("daemon.stopped")
+
+
+def run(cfg: config.Config) -> None:
+    log.setup(cfg.log_level, cfg.log_format)
+    asyncio.run(Daemon(cfg).serve())

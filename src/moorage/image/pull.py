@@ -1,0 +1,242 @@
+"""PullImage: resolve a reference through registries.conf, fetch, verify, unpack, record.
+
+- Two pulls of the same image (and credentials) share one task; two images sharing a
+  layer share its download and unpack.
+- Layers already unpacked (matched by the diff_id the image config names) are not fetched.
+- Distinct layers download in parallel, bounded by ``max_concurrent_downloads`` over
+  all pulls; unpacks run in helper processes, bounded by the CPU count.
+- A pull runs as its own task: a caller that goes away (kubelet cancels the RPC) does not
+  cut it short, and the image appears only when every layer is in place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from moorage import log
+from moorage.errors import (
+    DataLoss,
+    FailedPrecondition,
+    InvalidArgument,
+    MoorageError,
+    NotFound,
+    Unavailable,
+)
+from moorage.image import manifest as mf
+from moorage.image import registries
+from moorage.image.credentials import Credentials
+from moorage.image.reference import Reference
+from moorage.image.registry import RegistryClient, check_digest
+from moorage.image.store import Image, ImageStore, LayerInfo, layer_usage
+from moorage.image.unpacker import compression_for_media_type, unpack_layer
+from moorage.util.fs import remove_tree
+
+_log = log.get("moorage.image")
+T = TypeVar("T")
+_RETRIES = 3
+
+
+class _SingleFlight:
+    """Runs one task per key; every caller awaits the same result."""
+
+    def __init__(self) -> None:
+        self._tasks: dict[str, asyncio.Task[object]] = {}
+
+    async def run(self, key: str, make: Callable[[], Awaitable[T]]) -> T:
+        task = self._tasks.get(key)
+        if task is None:
+            async def wrapped() -> T:
+                try:
+                    return await make()
+                finally:
+                    self._tasks.pop(key, None)
+
+            task = asyncio.get_running_loop().create_task(wrapped())
+            self._tasks[key] = task  # type: ignore[assignment]
+        return await asyncio.shield(task)  # type: ignore[return-value]
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+
+@dataclass(frozen=True)
+class _Resolved:
+    source: registries.PullSource
+    wanted: Reference  # the name the user asked for (fully qualified)
+    top_digest: str
+    manifest: mf.ImageManifest
+    blobs: dict[str, bytes]  # manifest and index documents by digest
+
+
+class Puller:
+    def __init__(
+        self,
+        store: ImageStore,
+        client: RegistryClient,
+        *,
+        max_concurrent_downloads: int,
+        max_manifest_size: int,
+        max_layer_size: int,
+    ) -> None:
+        self.store = store
+        self.client = client
+        self._downloads = asyncio.Semaphore(max_concurrent_downloads)
+        self._unpacks = asyncio.Semaphore(max(1, os.cpu_count() or 1))
+        self._max_manifest = max_manifest_size
+        self._max_layer = max_layer_size or None
+        self._pulls = _SingleFlight()
+        self._layers = _SingleFlight()
+        self.platform = mf.host_platform()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pulls)
+
+    async def pull(self, ref_text: str, creds: Credentials | None) -> Image:
+        candidates = registries.candidates(self.store.registries_conf, ref_text)
+        who = "" if creds is None else hashlib.sha256(repr(creds.__dict__).encode()).hexdigest()
+        key = f"{candidates[0]}|{who}"
+        return await self._pulls.run(key, lambda: self._pull(ref_text, candidates, creds))
+
+    async def _pull(
+        self, ref_text: str, candidates: list[Reference], creds: Credentials | None
+    ) -> Image:
+        resolved = await self._resolve(ref_text, candidates, creds)
+        source, desc = resolved.source, resolved.manifest.config
+        log_ = _log.bind(image=str(resolved.wanted), source=source.endpoint.location)
+        check_digest(desc.digest, f"image {resolved.wanted} config")
+        if desc.size > self._max_manifest:
+            raise InvalidArgument(
+                f"image {resolved.wanted}: config is {desc.size} bytes, over the limit"
+            )
+        config_blob = await self.client.get_blob_bytes(
+            source.endpoint, source.reference.path, desc.digest, creds, self._max_manifest
+        )
+        config = mf.parse_config(config_blob, f"image {resolved.wanted} config")
+        layers = resolved.manifest.layers
+        if len(config.diff_ids) != len(layers):
+            raise InvalidArgument(
+                f"image {resolved.wanted}: manifest has {len(layers)} layers but the config "
+                f"names {len(config.diff_ids)} diff_ids"
+            )
+        for i, layer in enumerate(layers):
+            check_digest(layer.digest, f"image {resolved.wanted} layer {i}")
+            check_digest(config.diff_ids[i], f"image {resolved.wanted} diff_id {i}")
+            compression_for_media_type(layer.media_type)  # refuse unknown types up front
+        for diff_id in config.diff_ids:
+            self.store.holds[diff_id] = self.store.holds.get(diff_id, 0) + 1
+        try:
+            await asyncio.gather(*(
+                self._layer(source, layer, diff_id, creds)
+                for layer, diff_id in zip(layers, config.diff_ids, strict=True)
+                if not self.store.has_layer(diff_id)
+            ))
+            wanted = resolved.wanted
+            repo_tag = f"{wanted.name}:{wanted.tag}" if wanted.tag else None
+            size = desc.size + sum(layer.size for layer in layers)
+            image = await self.store.commit(
+                desc.digest, config_blob, config, resolved.blobs, size, repo_tag,
+                f"{wanted.name}@{resolved.top_digest}",
+            )
+        finally:
+            for diff_id in config.diff_ids:
+                left = self.store.holds[diff_id] - 1
+                if left:
+                    self.store.holds[diff_id] = left
+                else:
+                    del self.store.holds[diff_id]
+        log_.info("image.pulled", id=image.id, layers=len(layers))
+        return image
+
+    async def _resolve(
+        self, ref_text: str, candidates: list[Reference], creds: Credentials | None
+    ) -> _Resolved:
+        errors: list[MoorageError] = []
+        for wanted in candidates:
+            for source in registries.pull_sources(self.store.registries_conf, wanted):
+                try:
+                    return await self._resolve_at(source, wanted, creds)
+                except (NotFound, Unavailable) as e:
+                    _log.info("image.source_failed", image=str(wanted),
+                              source=source.endpoint.location, error=e.message)
+                    errors.append(e)
+        if len(errors) == 1:
+            raise errors[0]
+        first = next((e for e in errors if not isinstance(e, NotFound)), errors[-1])
+        detail = "; ".join(e.message for e in errors)
+        raise type(first)(f"pulling {ref_text!r} failed at every source: {detail}")
+
+    async def _resolve_at(
+        self, source: registries.PullSource, wanted: Reference, creds: Credentials | None
+    ) -> _Resolved:
+        ref = source.reference
+        tag_or_digest = ref.digest or ref.tag or "latest"
+        path = ref.path
+        top = await self.client.get_manifest(source.endpoint, path, tag_or_digest, creds)
+        what = f"image {wanted}"
+        media_type = mf.media_type_of(top.data, top.media_type, what)
+        mf.reject_schema1(media_type, what)
+        blobs = {top.digest: top.data}
+        current = top
+        if media_type in mf.INDEX_TYPES:
+            entry = mf.select_platform(mf.parse_index(top.data, what), self.platform, what)
+            check_digest(entry.digest, f"{what} index entry")
+            current = await self.client.get_manifest(source.endpoint, path, entry.digest, creds)
+            media_type = mf.media_type_of(current.data, current.media_type, what)
+            mf.reject_schema1(media_type, what)
+            if media_type in mf.INDEX_TYPES:
+                raise FailedPrecondition(f"{what}: nested image indexes are not supported")
+            blobs[current.digest] = current.data
+        if media_type not in mf.MANIFEST_TYPES:
+            raise InvalidArgument(f"{what}: unsupported manifest type {media_type!r}")
+        return _Resolved(source, wanted, top.digest, mf.parse_manifest(current.data, what), blobs)
+
+    async def _layer(
+        self,
+        source: registries.PullSource,
+        layer: mf.Descriptor,
+        diff_id: str,
+        creds: Credentials | None,
+    ) -> None:
+        async def fetch_and_unpack() -> None:
+            if self.store.has_layer(diff_id):
+                return
+            partial = self.store.ingest / f"{layer.digest.split(':', 1)[1]}.partial"
+            for attempt in range(1, _RETRIES + 1):
+                try:
+                    async with self._downloads:
+                        await self.client.fetch_blob(
+                            source.endpoint, source.reference.path, layer.digest, layer.size,
+                            creds, partial,
+                        )
+                    break
+                except (Unavailable, DataLoss) as e:
+                    if attempt == _RETRIES or "corrupt" in e.message:
+                        raise
+                    _log.info("image.layer_retry", digest=layer.digest, error=e.message)
+            try:
+                tmp = self.store.new_layer_tmp(diff_id)
+                async with self._unpacks:
+                    result = await unpack_layer(
+                        partial, tmp, compression_for_media_type(layer.media_type),
+                        max_size=self._max_layer,
+                    )
+                    if result.diff_id != diff_id:
+                        raise DataLoss(
+                            f"layer {layer.digest} unpacks to {result.diff_id}, but the image "
+                            f"config says {diff_id}"
+                        )
+                    used, inodes = await asyncio.to_thread(layer_usage, tmp)
+                await self.store.add_layer(tmp, LayerInfo(diff_id, result.size, used, inodes))
+            except BaseException:
+                await asyncio.to_thread(remove_tree, tmp)
+                raise
+            finally:
+                partial.unlink(missing_ok=True)
+
+        await self._layers.run(diff_id, fetch_and_unpack)

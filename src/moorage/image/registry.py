@@ -1,0 +1,467 @@
+"""A client for OCI distribution (v2) registries: manifests and blobs, with auth.
+
+Only what a pull needs: ``GET /v2/<name>/manifests/<ref>`` and ``GET /v2/<name>/blobs/<digest>``,
+anonymous, Basic and Bearer-token auth (username/password, identity token through the
+OAuth2 refresh-token grant, or a registry token used as is), HTTPS with per-registry CA
+certificates from a containers-certs.d(5) directory, and plain HTTP for registries marked
+insecure. Every manifest and blob is checked against its digest while it streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import os
+import re
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from moorage import __version__
+from moorage.errors import (
+    DataLoss,
+    DeadlineExceeded,
+    InvalidArgument,
+    MoorageError,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+    Unavailable,
+)
+from moorage.image.credentials import Credentials
+from moorage.image.registries import Endpoint
+
+MANIFEST_ACCEPT = ", ".join(
+    [
+        "application/vnd.oci.image.index.v1+json",
+        "application/vnd.oci.image.manifest.v1+json",
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+        "application/vnd.docker.distribution.manifest.v2+json",
+        # Listed so a schema 1 registry answers with it and we can say so clearly.
+        "application/vnd.docker.distribution.manifest.v1+prettyjws",
+    ]
+)
+CHUNK = 1024 * 1024
+_DIGEST_RE = re.compile(r"^sha256:[a-f0-9]{64}$")
+
+
+class RegistryError(MoorageError):
+    """A registry answer we cannot use (the subclasses of MoorageError carry the code)."""
+
+
+def check_digest(digest: str, what: str) -> str:
+    if not _DIGEST_RE.match(digest):
+        raise InvalidArgument(f"{what}: unsupported or malformed digest {digest!r}")
+    return digest
+
+
+@dataclass(frozen=True)
+class Manifest:
+    media_type: str
+    data: bytes
+    digest: str
+
+
+@dataclass
+class _Token:
+    value: str
+    expires: float
+
+
+@dataclass
+class _Challenge:
+    scheme: str
+    params: dict[str, str] = field(default_factory=dict)
+
+
+_PARAM_RE = re.compile(r'(\w+)=(?:"((?:[^"\\]|\\.)*)"|([^,\s]*))')
+
+
+def parse_challenge(header: str) -> _Challenge:
+    scheme, _, rest = header.strip().partition(" ")
+    params = {m.group(1).lower(): (m.group(2) if m.group(2) is not None else m.group(3))
+              for m in _PARAM_RE.finditer(rest)}
+    return _Challenge(scheme.lower(), params)
+
+
+class RegistryClient:
+    """One per daemon; safe for concurrent pulls. Call :meth:`close` at shutdown."""
+
+    def __init__(
+        self,
+        *,
+        certs_dir: Path,
+        stall_timeout: float,
+        max_manifest_size: int,
+        connect_timeout: float = 30.0,
+    ) -> None:
+        self._certs_dir = certs_dir
+        self._stall = stall_timeout or None
+        self._max_manifest = max_manifest_size
+        self._connect_timeout = connect_timeout
+        self._session: aiohttp.ClientSession | None = None
+        self._ssl: dict[tuple[str, bool], ssl.SSLContext] = {}
+        self._tokens: dict[tuple[str, str, str, str], _Token] = {}
+        # Which scheme answered for an endpoint, so an insecure registry is probed once.
+        self._scheme: dict[str, str] = {}
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                auto_decompress=False,
+                headers={"User-Agent": f"moorage/{__version__}"},
+                connector=aiohttp.TCPConnector(limit_per_host=8, use_dns_cache=True),
+            )
+        return self._session
+
+    def _ssl_context(self, host: str, verify: bool) -> ssl.SSLContext:
+        key = (host, verify)
+        ctx = self._ssl.get(key)
+        if ctx is None:
+            ctx = ssl.create_default_context()
+            if verify:
+                cert_dir = self._certs_dir / host
+                if cert_dir.is_dir():
+                    for cert in sorted(cert_dir.glob("*.crt")):
+                        ctx.load_verify_locations(cafile=str(cert))
+                    for cert in sorted(cert_dir.glob("*.cert")):
+                        key_file = cert.with_suffix(".key")
+                        if key_file.exists():
+                            ctx.load_cert_chain(str(cert), str(key_file))
+            else:
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+            self._ssl[key] = ctx
+        return ctx
+
+    def _timeout(self) -> aiohttp.ClientTimeout:
+        return aiohttp.ClientTimeout(
+            total=None, sock_connect=self._connect_timeout, sock_read=self._stall
+        )
+
+    # -- requests with auth --------------------------------------------------------------
+
+    async def _request(
+        self,
+        endpoint: Endpoint,
+        repository: str,
+        path: str,
+        creds: Credentials | None,
+        headers: dict[str, str],
+    ) -> aiohttp.ClientResponse:
+        """GET ``/v2/<repository>/<path>``, answering an auth challenge once.
+
+        ``repository`` is the full path on that registry (a mirror's location prefix is
+        already part of it); only the host part of the endpoint's location is used.
+        """
+        host = endpoint.location.split("/", 1)[0]
+        name = repository
+        schemes = [self._scheme[host]] if host in self._scheme else (
+            ["https", "http"] if endpoint.insecure else ["https"]
+        )
+        last: Exception | None = None
+        for scheme in schemes:
+            url = f"{scheme}://{host}/v2/{name}/{path}"
+            try:
+                resp = await self._get_authorized(url, host, name, endpoint, creds, headers)
+            except (aiohttp.ClientConnectorError, aiohttp.ClientSSLError,
+                    aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:
+                last = e
+                continue
+            self._scheme[host] = scheme
+            return resp
+        raise Unavailable(f"registry {host} is unreachable: {last}")
+
+    async def _get_authorized(
+        self,
+        url: str,
+        host: str,
+        name: str,
+        endpoint: Endpoint,
+        creds: Credentials | None,
+        headers: dict[str, str],
+    ) -> aiohttp.ClientResponse:
+        session = self._client()
+        verify = not endpoint.insecure
+        ssl_arg = self._ssl_context(host, verify) if url.startswith("https:") else None
+        scope = f"repository:{name}:pull"
+        auth = self._cached_auth(host, scope, creds)
+        for attempt in range(2):
+            hdrs = dict(headers)
+            if auth:
+                hdrs["Authorization"] = auth
+            try:
+                resp = await session.get(url, headers=hdrs, ssl=ssl_arg if ssl_arg else True,
+                                         timeout=self._timeout())
+            except TimeoutError as e:
+                raise DeadlineExceeded(f"registry {host}: no answer for {url}") from e
+            if resp.status != 401 or attempt == 1:
+                break
+            challenge = parse_challenge(resp.headers.get("WWW-Authenticate", ""))
+            resp.release()
+            auth = await self._authenticate(challenge, host, scope, creds, ssl_arg)
+        if resp.status == 401:
+            resp.release()
+            if creds is None:
+                raise Unauthenticated(
+                    f"registry {host}: authentication required for {name} and no credentials "
+                    "were given"
+                )
+            raise Unauthenticated(f"registry {host}: credentials rejected for {name}")
+        if resp.status == 403:
+            resp.release()
+            raise PermissionDenied(f"registry {host}: access to {name} denied")
+        return resp
+
+    def _cached_auth(self, host: str, scope: str, creds: Credentials | None) -> str | None:
+        now = time.monotonic()
+        for (h, _realm, sc, who), token in self._tokens.items():
+            if h == host and sc == scope and who == _who(creds) and token.expires > now:
+                return f"Bearer {token.value}"
+        return None
+
+    async def _authenticate(
+        self,
+        challenge: _Challenge,
+        host: str,
+        scope: str,
+        creds: Credentials | None,
+        ssl_arg: ssl.SSLContext | None,
+    ) -> str:
+        if challenge.scheme == "basic":
+            if creds is None or not (creds.username or creds.password):
+                raise Unauthenticated(
+                    f"registry {host}: authentication required and no credentials were given"
+                )
+            raw = f"{creds.username}:{creds.password}".encode()
+            return "Basic " + base64.b64encode(raw).decode()
+        if challenge.scheme != "bearer":
+            raise Unauthenticated(
+                f"registry {host}: unsupported auth challenge {challenge.scheme!r}"
+            )
+        if creds is not None and creds.registry_token:
+            return f"Bearer {creds.registry_token}"
+        realm = challenge.params.get("realm", "")
+        if not realm.startswith(("https://", "http://")):
+            raise Unauthenticated(f"registry {host}: bearer challenge without a usable realm")
+        service = challenge.params.get("service", "")
+        scope = challenge.params.get("scope", scope)
+        token = await self._fetch_token(realm, service, scope, creds, host)
+        self._tokens[(host, realm, scope, _who(creds))] = token
+        return f"Bearer {token.value}"
+
+    async def _fetch_token(
+        self, realm: str, service: str, scope: str, creds: Credentials | None, host: str
+    ) -> _Token:
+        session = self._client()
+        realm_host = realm.split("/", 3)[2]
+        ssl_ctx: ssl.SSLContext | bool = (
+            self._ssl_context(realm_host, True) if realm.startswith("https:") else True
+        )
+        try:
+            if creds is not None and creds.identity_token:
+                form = {"grant_type": "refresh_token", "refresh_token": creds.identity_token,
+                        "service": service, "scope": scope, "client_id": "moorage"}
+                resp = await session.post(realm, data=form, ssl=ssl_ctx, timeout=self._timeout())
+            else:
+                params = {"scope": scope} if scope else {}
+                if service:
+                    params["service"] = service
+                auth = None
+                if creds is not None and (creds.username or creds.password):
+                    auth = aiohttp.BasicAuth(creds.username, creds.password)
+                resp = await session.get(realm, params=params, auth=auth, ssl=ssl_ctx,
+                                         timeout=self._timeout())
+            async with resp:
+                if resp.status in (401, 403):
+                    raise Unauthenticated(
+                        f"registry {host}: token server {realm_host} rejected the credentials"
+                    )
+                if resp.status != 200:
+                    raise Unauthenticated(
+                        f"registry {host}: token server {realm_host} answered {resp.status}"
+                    )
+                body: Any = await resp.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as e:
+            raise Unavailable(f"registry {host}: token server {realm_host} failed: {e}") from e
+        value = (body.get("token") or body.get("access_token")) if isinstance(body, dict) else None
+        if not isinstance(value, str) or not value:
+            raise Unauthenticated(f"registry {host}: token server {realm_host} sent no token")
+        expires_in = body.get("expires_in")
+        lifetime = float(expires_in) if isinstance(expires_in, int | float) else 60.0
+        # Refresh a little early so a token never expires in flight.
+        return _Token(value, time.monotonic() + max(lifetime - 10.0, 5.0))
+
+    # -- manifests and blobs -------------------------------------------------------------
+
+    async def get_manifest(
+        self, endpoint: Endpoint, repository: str, reference: str, creds: Credentials | None
+    ) -> Manifest:
+        """Fetch a manifest by tag or digest, checked against the digest when one is known."""
+        resp = await self._request(
+            endpoint, repository, f"manifests/{reference}", creds, {"Accept": MANIFEST_ACCEPT}
+        )
+        async with resp:
+            where = f"{endpoint.location}/{repository}:{reference}"
+            if resp.status == 404:
+                raise NotFound(f"manifest unknown: {where} does not exist in the registry")
+            if resp.status != 200:
+                raise Unavailable(f"registry answered {resp.status} for manifest {where}")
+            length = resp.content_length
+            if length is not None and length > self._max_manifest:
+                raise InvalidArgument(
+                    f"manifest {where} is {length} bytes, over the {self._max_manifest} limit"
+                )
+            data = bytearray()
+            try:
+                async for chunk in resp.content.iter_chunked(65536):
+                    data += chunk
+                    if len(data) > self._max_manifest:
+                        raise InvalidArgument(
+                            f"manifest {where} is over the {self._max_manifest} byte limit"
+                        )
+            except TimeoutError as e:
+                raise DeadlineExceeded(f"manifest {where}: registry stalled") from e
+            except aiohttp.ClientPayloadError as e:
+                raise DataLoss(f"manifest {where}: truncated body: {e}") from e
+            media_type = resp.headers.get("Content-Type", "").split(";")[0].strip()
+            header_digest = resp.headers.get("Docker-Content-Digest", "")
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        if reference.startswith("sha256:") and digest != reference:
+            raise DataLoss(f"manifest {where}: content has digest {digest}, not {reference}")
+        if header_digest.startswith("sha256:") and header_digest != digest:
+            raise DataLoss(
+                f"manifest {where}: content has digest {digest}, registry said {header_digest}"
+            )
+        return Manifest(media_type, bytes(data), digest)
+
+    async def get_blob_bytes(
+        self,
+        endpoint: Endpoint,
+        repository: str,
+        digest: str,
+        creds: Credentials | None,
+        max_size: int,
+    ) -> bytes:
+        """A small blob (an image config) in memory, checked against its digest."""
+        resp = await self._request(endpoint, repository, f"blobs/{digest}", creds, {})
+        async with resp:
+            self._check_blob_status(resp, endpoint, repository, digest)
+            data = bytearray()
+            try:
+                async for chunk in resp.content.iter_chunked(65536):
+                    data += chunk
+                    if len(data) > max_size:
+                        raise InvalidArgument(f"blob {digest} is over the {max_size} byte limit")
+            except TimeoutError as e:
+                raise DeadlineExceeded(f"blob {digest}: registry stalled") from e
+            except aiohttp.ClientPayloadError as e:
+                raise DataLoss(f"blob {digest}: truncated body: {e}") from e
+        actual = "sha256:" + hashlib.sha256(data).hexdigest()
+        if actual != digest:
+            raise DataLoss(f"blob {digest}: content has digest {actual}; the blob is corrupt")
+        return bytes(data)
+
+    @staticmethod
+    def _check_blob_status(
+        resp: aiohttp.ClientResponse, endpoint: Endpoint, repository: str, digest: str
+    ) -> None:
+        if resp.status == 404:
+            raise NotFound(f"blob unknown: {endpoint.location}/{repository}@{digest}")
+        if resp.status not in (200, 206):
+            raise Unavailable(
+                f"registry answered {resp.status} for blob {endpoint.location}/{repository}"
+                f"@{digest}"
+            )
+
+    async def fetch_blob(
+        self,
+        endpoint: Endpoint,
+        repository: str,
+        digest: str,
+        size: int,
+        creds: Credentials | None,
+        partial: Path,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        """Download a blob into ``partial``, resuming what an earlier attempt left there.
+
+        On return ``partial`` holds exactly the blob, its digest checked; on a digest or size
+        mismatch the partial file is removed so the next attempt starts over.
+        """
+        hasher = hashlib.sha256()
+        have = await asyncio.to_thread(_hash_existing, partial, hasher, size)
+        headers = {"Range": f"bytes={have}-"} if have else {}
+        resp = await self._request(endpoint, repository, f"blobs/{digest}", creds, headers)
+        async with resp:
+            self._check_blob_status(resp, endpoint, repository, digest)
+            if have and resp.status != 206:
+                # The registry ignored the Range: start from scratch.
+                hasher = hashlib.sha256()
+                have = 0
+            f = await asyncio.to_thread(open, partial, "ab" if have else "wb")
+            try:
+                written = have
+                try:
+                    async for chunk in resp.content.iter_chunked(CHUNK):
+                        written += len(chunk)
+                        if written > size:
+                            break
+                        hasher.update(chunk)
+                        await asyncio.to_thread(f.write, chunk)
+                        if progress is not None:
+                            progress(len(chunk))
+                except TimeoutError as e:
+                    raise DeadlineExceeded(
+                        f"blob {digest}: no progress from {endpoint.location} for "
+                        f"{self._stall:.0f}s (pull_progress_timeout)"
+                    ) from e
+                except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as e:
+                    raise DataLoss(f"blob {digest}: transfer cut short: {e}") from e
+            finally:
+                await asyncio.to_thread(f.close)
+        if written != size or "sha256:" + hasher.hexdigest() != digest:
+            partial.unlink(missing_ok=True)
+            if written != size:
+                raise DataLoss(
+                    f"blob {digest}: got {written} bytes, the manifest says {size}; "
+                    "the blob is corrupt or truncated"
+                )
+            raise DataLoss(
+                f"blob {digest}: content has digest sha256:{hasher.hexdigest()}; "
+                "the blob is corrupt"
+            )
+
+
+def _who(creds: Credentials | None) -> str:
+    if creds is None:
+        return ""
+    return hashlib.sha256(repr(
+        (creds.username, creds.password, creds.identity_token, creds.registry_token)
+    ).encode()).hexdigest()
+
+
+def _hash_existing(partial: Path, hasher: Any, size: int) -> int:
+    """Feed a resumable partial download into ``hasher``; returns its length (0: none)."""
+    try:
+        st = os.stat(partial)
+    except FileNotFoundError:
+        return 0
+    if st.st_size >= size:
+        partial.unlink()
+        return 0
+    with open(partial, "rb") as f:
+        while chunk := f.read(CHUNK):
+            hasher.update(chunk)
+    return st.st_size

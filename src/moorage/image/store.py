@@ -1,0 +1,344 @@
+"""The image store: content-addressed blobs, unpacked layers and image records.
+
+Layout under ``<root>/images``::
+
+    blobs/sha256/<hex>       manifests, indexes and image configs, as pulled (digest-checked)
+    ingest/<hex>.partial     layer downloads in progress, resumed by the next attempt
+    layers/<diff-hex>/       an unpacked layer, ready to be an overlayfs lower dir
+    layers/.tmp-*            an unpack in progress; removed at start
+    layer-meta/<diff-hex>.json   size and usage of an unpacked layer
+    records/<config-hex>.json    one record per image
+
+An image appears only when its record is written, after every layer is in place, so an
+interrupted pull never leaves a half image visible. Layers are shared by diff_id between
+images and removed by :meth:`ImageStore.collect` once no image uses them.
+
+Reads (ListImages, ImageStatus) are served from memory; mutations are serialised by one
+lock and their file work runs in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moorage import log
+from moorage.errors import InvalidArgument
+from moorage.image import reference as refs
+from moorage.image import registries
+from moorage.image.manifest import ImageConfig, parse_config
+from moorage.state import records
+from moorage.util.fs import FsUsage, atomic_write, remove_tree, tree_usage
+
+_log = log.get("moorage.image")
+_HEX = re.compile(r"^[a-f0-9]{1,64}$")
+IMAGE_KIND = "image"
+LAYER_KIND = "layer"
+INGEST_MAX_AGE = 24 * 3600.0
+
+
+def _hex(digest: str) -> str:
+    return digest.split(":", 1)[1]
+
+
+@dataclass
+class Image:
+    id: str  # sha256:<config digest hex>
+    repo_tags: list[str]
+    repo_digests: list[str]
+    size: int
+    layers: tuple[str, ...]  # diff_ids, lowest first
+    config: ImageConfig
+    blobs: list[str] = field(default_factory=list)  # manifest/index digests kept for it
+    pinned: bool = False
+    pulled_at: float = 0.0
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "repo_tags": self.repo_tags,
+            "repo_digests": self.repo_digests,
+            "size": self.size,
+            "layers": list(self.layers),
+            "blobs": self.blobs,
+            "pinned": self.pinned,
+            "pulled_at": self.pulled_at,
+        }
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    diff_id: str
+    size: int  # uncompressed tar bytes
+    used_bytes: int
+    inodes: int
+
+
+class ImageStore:
+    def __init__(self, root: Path, registries_conf: registries.RegistriesConfig) -> None:
+        self.root = root
+        self.blobs = root / "blobs" / "sha256"
+        self.ingest = root / "ingest"
+        self.layers_dir = root / "layers"
+        self.layer_meta = root / "layer-meta"
+        self.records = root / "records"
+        self.registries_conf = registries_conf
+        self.lock = asyncio.Lock()
+        self._images: dict[str, Image] = {}
+        self._layers: dict[str, LayerInfo] = {}
+        #: diff_ids that a pull in progress relies on: never collected meanwhile.
+        self.holds: dict[str, int] = {}
+
+    # -- start-up ------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Read every record (blocking; at start, before serving)."""
+        for d in (self.blobs, self.ingest, self.layers_dir, self.layer_meta, self.records):
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for tmp in self.layers_dir.glob(".tmp-*"):
+            _log.info("image.cleanup", path=str(tmp), reason="unfinished unpack")
+            remove_tree(tmp)
+        for path, meta in records.load_all(self.layer_meta, LAYER_KIND):
+            if isinstance(meta, records.RecordError) or not (
+                self.layers_dir / path.stem
+            ).is_dir():
+                _log.warning("image.layer_dropped", path=str(path), reason=str(meta)[:200])
+                remove_tree(self.layers_dir / path.stem)
+                path.unlink(missing_ok=True)
+                continue
+            info = LayerInfo(meta["diff_id"], meta["size"], meta["used_bytes"], meta["inodes"])
+            self._layers[info.diff_id] = info
+        for path, rec in records.load_all(self.records, IMAGE_KIND):
+            image = None if isinstance(rec, records.RecordError) else self._from_record(rec)
+            if image is None:
+                _log.warning("image.record_dropped", path=str(path), reason=str(rec)[:200])
+                path.unlink(missing_ok=True)
+                continue
+            self._images[image.id] = image
+        self._collect_sync(set())
+
+    def _from_record(self, rec: dict[str, Any]) -> Image | None:
+        try:
+            image_id = rec["id"]
+            config = parse_config((self.blobs / _hex(image_id)).read_bytes(), image_id)
+            layers = tuple(rec["layers"])
+        except (KeyError, OSError, ValueError, InvalidArgument):
+            return None
+        if any(d not in self._layers for d in layers):
+            return None
+        return Image(
+            id=image_id,
+            repo_tags=list(rec.get("repo_tags", [])),
+            repo_digests=list(rec.get("repo_digests", [])),
+            size=int(rec.get("size", 0)),
+            layers=layers,
+            config=config,
+            blobs=list(rec.get("blobs", [])),
+            pinned=bool(rec.get("pinned", False)),
+            pulled_at=float(rec.get("pulled_at", 0.0)),
+        )
+
+    # -- reads (from memory) -------------------------------------------------------------
+
+    def list(self) -> list[Image]:
+        return list(self._images.values())
+
+    def has_layer(self, diff_id: str) -> bool:
+        return diff_id in self._layers
+
+    def layer_path(self, diff_id: str) -> Path:
+        return self.layers_dir / _hex(diff_id)
+
+    def find(self, name: str) -> Image | None:
+        """An image by id, id prefix, tag, digest reference or short name; None if absent."""
+        name = name.strip()
+        if not name:
+            raise InvalidArgument("image.image: an image reference or id is required")
+        bare = name.removeprefix("sha256:")
+        if len(bare) == 64 and _HEX.match(bare):
+            image = self._images.get("sha256:" + bare)
+            if image is not None:
+                return image
+        for ref in self._references(name):
+            text = str(ref)
+            for image in self._images.values():
+                if text in image.repo_tags or text in image.repo_digests:
+                    return image
+        if _HEX.match(bare) and (name.startswith("sha256:") or len(bare) >= 3):
+            matches = [i for i in self._images.values() if _hex(i.id).startswith(bare)]
+            if len(matches) == 1:
+                return matches[0]
+        return None
+
+    def _references(self, name: str) -> list[refs.Reference]:
+        try:
+            return registries.candidates(self.registries_conf, name)
+        except InvalidArgument:
+            return []
+
+    # -- writes --------------------------------------------------------------------------
+
+    async def add_layer(self, tmp: Path, info: LayerInfo) -> None:
+        """Move an unpacked layer from its temp dir into place and record it."""
+
+        def work() -> None:
+            dest = self.layer_path(info.diff_id)
+            if dest.exists():  # unpacked meanwhile by another pull; keep that one
+                remove_tree(tmp)
+            else:
+                os.rename(tmp, dest)
+            records.write(self.layer_meta / f"{_hex(info.diff_id)}.json", LAYER_KIND, {
+                "diff_id": info.diff_id, "size": info.size,
+                "used_bytes": info.used_bytes, "inodes": info.inodes,
+            })
+
+        async with self.lock:
+            await asyncio.to_thread(work)
+            self._layers[info.diff_id] = info
+
+    def new_layer_tmp(self, diff_id: str) -> Path:
+        return self.layers_dir / f".tmp-{_hex(diff_id)[:16]}-{secrets.token_hex(4)}"
+
+    async def commit(
+        self,
+        image_id: str,
+        config_blob: bytes,
+        config: ImageConfig,
+        manifest_blobs: dict[str, bytes],
+        size: int,
+        repo_tag: str | None,
+        repo_digest: str,
+    ) -> Image:
+        """Record a pulled image (or add a tag/digest to a known one); moves the tag."""
+        async with self.lock:
+            image = self._images.get(image_id)
+            if image is None:
+                image = Image(image_id, [], [], size, config.diff_ids, config)
+            changed: list[Image] = [image]
+            if repo_tag and repo_tag not in image.repo_tags:
+                for other in self._images.values():
+                    if other is not image and repo_tag in other.repo_tags:
+                        other.repo_tags.remove(repo_tag)
+                        changed.append(other)
+                image.repo_tags.append(repo_tag)
+            if repo_digest not in image.repo_digests:
+                image.repo_digests.append(repo_digest)
+            for digest in manifest_blobs:
+                if digest not in image.blobs:
+                    image.blobs.append(digest)
+            image.pulled_at = time.time()
+
+            def work() -> None:
+                for digest, data in {image_id: config_blob, **manifest_blobs}.items():
+                    path = self.blobs / _hex(digest)
+                    if not path.exists():
+                        atomic_write(path, data, 0o644)
+                for img in changed:
+                    self._write_record(img)
+
+            await asyncio.to_thread(work)
+            self._images[image_id] = image
+            return image
+
+    def _write_record(self, image: Image) -> None:
+        records.write(self.records / f"{_hex(image.id)}.json", IMAGE_KIND, image.record())
+
+    async def remove(self, name: str) -> Image | None:
+        """RemoveImage: by id the image and all its names; by tag only that tag, and the
+        image once no tag or digest reference is left. Idempotent: unknown is None."""
+        async with self.lock:
+            image = self.find(name)
+            if image is None:
+                return None
+            bare = name.removeprefix("sha256:")
+            by_id = _HEX.match(bare) is not None and _hex(image.id).startswith(bare) and not (
+                any(str(r) in image.repo_tags for r in self._references(name))
+            )
+            if not by_id:
+                for ref in self._references(name):
+                    text = str(ref)
+                    if text in image.repo_tags:
+                        image.repo_tags.remove(text)
+                    if text in image.repo_digests:
+                        image.repo_digests.remove(text)
+                    if ref.tag is not None and ref.digest is None:
+                        # A tag goes with the digest reference it was pulled under when no
+                        # other tag of that repository is left.
+                        if not any(t.startswith(ref.name + ":") for t in image.repo_tags):
+                            image.repo_digests = [
+                                d for d in image.repo_digests
+                                if not d.startswith(ref.name + "@")
+                            ]
+            if by_id or not (image.repo_tags or image.repo_digests):
+                del self._images[image.id]
+                await asyncio.to_thread(
+                    lambda: (self.records / f"{_hex(image.id)}.json").unlink(missing_ok=True)
+                )
+                await asyncio.to_thread(self._collect_sync, set(self.holds))
+            else:
+                await asyncio.to_thread(self._write_record, image)
+            return image
+
+    async def collect(self) -> None:
+        async with self.lock:
+            await asyncio.to_thread(self._collect_sync, set(self.holds))
+
+    def _collect_sync(self, held: set[str]) -> None:
+        """Remove layers and blobs that no image references (called under the lock)."""
+        used_layers = {d for i in self._images.values() for d in i.layers} | held
+        used_blobs = {_hex(i.id) for i in self._images.values()}
+        used_blobs |= {_hex(b) for i in self._images.values() for b in i.blobs}
+        for diff_id in list(self._layers):
+            if diff_id not in used_layers:
+                _log.info("image.layer_removed", diff_id=diff_id)
+                del self._layers[diff_id]
+                (self.layer_meta / f"{_hex(diff_id)}.json").unlink(missing_ok=True)
+                remove_tree(self.layer_path(diff_id))
+        for path in self.layers_dir.iterdir():
+            if not path.name.startswith(".") and "sha256:" + path.name not in self._layers:
+                remove_tree(path)
+        for path in self.blobs.iterdir():
+            if path.name not in used_blobs and not path.name.startswith("."):
+                path.unlink(missing_ok=True)
+        now = time.time()
+        for path in self.ingest.iterdir():
+            try:
+                if now - path.stat().st_mtime > INGEST_MAX_AGE:
+                    path.unlink()
+            except FileNotFoundError:
+                pass
+
+    # -- usage ---------------------------------------------------------------------------
+
+    def usage(self) -> FsUsage:
+        """Bytes and inodes the image store uses: recorded layer usage plus small files."""
+        used = sum(layer.used_bytes for layer in self._layers.values())
+        inodes = sum(layer.inodes for layer in self._layers.values())
+        for d in (self.blobs, self.records, self.layer_meta, self.ingest):
+            b, n = _dir_usage(d)
+            used += b
+            inodes += n
+        return FsUsage(str(self.root), used, inodes, time.time_ns())
+
+
+def _dir_usage(directory: Path) -> tuple[int, int]:
+    used = inodes = 0
+    try:
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                st = entry.stat(follow_symlinks=False)
+                used += st.st_blocks * 512
+                inodes += 1
+    except FileNotFoundError:
+        return 0, 0
+    return used, inodes + 1
+
+
+def layer_usage(path: Path) -> tuple[int, int]:
+    return tree_usage(path)

@@ -1,0 +1,171 @@
+"""Unpack a layer blob into a directory, through the chrooted helper program.
+
+The daemon never parses a layer itself: :func:`unpack_layer` fork+execs
+``python -m moorage.image.unpack`` (see that package) with the blob as its stdin, and turns its
+one-line JSON answer into an :class:`UnpackResult` or an :class:`UnpackError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import moorage
+from moorage.errors import FailedPrecondition, InvalidArgument
+
+Compression = Literal["gzip", "zstd", "none"]
+
+HELPER_MODULE = "moorage.image.unpack"
+#: Exit code of the helper when it refused the layer (1 is a failure of the machine).
+EXIT_REFUSED = 2
+_STDERR_TAIL = 2000
+
+#: Layer media types (OCI image-spec and Docker image manifest v2.2), by compression.
+_LAYER_MEDIA_TYPES: dict[str, Compression] = {
+    "application/vnd.oci.image.layer.v1.tar": "none",
+    "application/vnd.oci.image.layer.v1.tar+gzip": "gzip",
+    "application/vnd.oci.image.layer.v1.tar+zstd": "zstd",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar": "none",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip": "gzip",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd": "zstd",
+    "application/vnd.docker.image.rootfs.diff.tar": "none",
+    "application/vnd.docker.image.rootfs.diff.tar.gzip": "gzip",
+    "application/vnd.docker.image.rootfs.foreign.diff.tar": "none",
+    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip": "gzip",
+}
+
+
+@dataclass(frozen=True)
+class UnpackResult:
+    diff_id: str  # "sha256:<hex>" of the uncompressed tar stream
+    size: int  # bytes of the uncompressed tar stream
+    entries: int  # tar members applied
+
+
+class UnpackError(FailedPrecondition):
+    """The layer could not be unpacked; the message says which rule it broke, or what failed."""
+
+
+def compression_for_media_type(media_type: str) -> Compression:
+    """The compression of a layer with this media type (parameters and case are ignored)."""
+    key = media_type.split(";", 1)[0].strip().lower()
+    try:
+        return _LAYER_MEDIA_TYPES[key]
+    except KeyError:
+        raise InvalidArgument(f"unsupported layer media type {media_type!r}") from None
+
+
+async def unpack_layer(
+    blob: Path,
+    dest: Path,
+    compression: Compression,
+    *,
+    max_size: int | None = None,
+) -> UnpackResult:
+    """Unpack the layer ``blob`` into ``dest`` (created if missing; it must be empty).
+
+    The result's ``diff_id`` is for the caller to check against the image config. On failure
+    ``dest`` keeps whatever was written: unpack into a temporary directory and remove it.
+    If the awaiting task is cancelled, the helper is killed and reaped before this returns.
+    """
+    if compression not in ("gzip", "zstd", "none"):
+        raise InvalidArgument(f"unknown layer compression {compression!r}")
+    if max_size is not None and max_size < 0:
+        raise InvalidArgument(f"max_size must not be negative, got {max_size}")
+    # A few syscalls: not worth a thread (whose cancellation would leak the fd).
+    blob_fd, dest = _prepare(blob, dest)
+    argv = [
+        sys.executable,
+        "-P",  # never import from the daemon's working directory
+        "-m",
+        HELPER_MODULE,
+        "--dest",
+        str(dest),
+        "--compression",
+        compression,
+    ]
+    if max_size is not None:
+        argv += ["--max-size", str(max_size)]
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=blob_fd,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            cwd="/",
+            env=_helper_env(),
+        )
+    finally:
+        os.close(blob_fd)
+    try:
+        stdout, stderr = await proc.communicate()
+    except BaseException:
+        if proc.returncode is None:
+            proc.kill()
+            # A second cancellation while reaping still leaves the helper killed.
+            with contextlib.suppress(ProcessLookupError):
+                await proc.wait()
+        raise
+    return _parse_answer(blob, proc.returncode, stdout, stderr)
+
+
+def _prepare(blob: Path, dest: Path) -> tuple[int, Path]:
+    """Open the blob (its fd becomes the helper's stdin); make sure ``dest`` is empty.
+
+    Returns the fd and ``dest`` made absolute.
+    """
+    dest = dest.absolute()
+    try:
+        fd = os.open(blob, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise UnpackError(f"cannot open layer blob {blob}: {e.strerror}") from None
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        if any(dest.iterdir()):
+            raise UnpackError(f"layer directory {dest} is not empty")
+    except OSError as e:
+        os.close(fd)
+        raise UnpackError(f"cannot use layer directory {dest}: {e.strerror}") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, dest
+
+
+def _helper_env() -> dict[str, str]:
+    """The daemon's environment, with this moorage first on the helper's import path."""
+    env = dict(os.environ)
+    package_root = str(Path(moorage.__file__).resolve().parent.parent)
+    old = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = f"{package_root}{os.pathsep}{old}" if old else package_root
+    return env
+
+
+def _parse_answer(blob: Path, returncode: int | None, stdout: bytes, stderr: bytes) -> UnpackResult:
+    answer: object = None
+    lines = stdout.strip().splitlines()
+    if lines:
+        with contextlib.suppress(ValueError):
+            answer = json.loads(lines[-1])
+    if returncode == 0 and isinstance(answer, dict):
+        try:
+            return UnpackResult(
+                diff_id=str(answer["diff_id"]),
+                size=int(answer["size"]),
+                entries=int(answer["entries"]),
+            )
+        except (KeyError, TypeError, ValueError):
+            pass
+    if isinstance(answer, dict) and isinstance(answer.get("error"), str):
+        verdict = "refused" if returncode == EXIT_REFUSED else "failed"
+        raise UnpackError(f"layer {blob.name} {verdict}: {answer['error']}")
+    tail = stderr.decode("utf-8", "replace").strip()[-_STDERR_TAIL:]
+    raise UnpackError(
+        f"layer unpack helper for {blob.name} exited with {returncode} and no answer: {tail}"
+    )

@@ -1,0 +1,131 @@
+"""What every CRI handler shares: one log event per call, and domain errors as gRPC codes.
+
+Handlers are plain ``async def`` methods (or async generators for the ``Stream*`` RPCs)
+decorated with :func:`unary` or :func:`stream`. RPCs of the API that a servicer does not
+define answer UNIMPLEMENTED with the RPC's name (:func:`fill_unimplemented`).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf.message import Message
+
+from moorage import log
+from moorage.errors import MoorageError
+
+_log = log.get("moorage.cri")
+Req = TypeVar("Req", bound=Message)
+Resp = TypeVar("Resp", bound=Message)
+Ctx = grpc.aio.ServicerContext[Any, Any]
+
+#: Request fields worth logging as ids (a message field logs its ``image`` or ``name``).
+_ID_FIELDS = ("pod_sandbox_id", "container_id", "image", "config")
+
+
+def ids_of(request: Message) -> dict[str, str]:
+    out: dict[str, str] = {}
+    fields = request.DESCRIPTOR.fields_by_name
+    for name in _ID_FIELDS:
+        if name not in fields:
+            continue
+        value = getattr(request, name)
+        if isinstance(value, str):
+            if value:
+                out[name] = value
+        elif name == "image" and value.image:
+            out["image"] = value.image
+        elif name == "config" and request.HasField("config"):
+            meta = getattr(value, "metadata", None)
+            if meta is not None and getattr(meta, "name", ""):
+                out["name"] = meta.name
+    return out
+
+
+def _code(error: MoorageError) -> grpc.StatusCode:
+    return getattr(grpc.StatusCode, error.code, grpc.StatusCode.INTERNAL)
+
+
+def _finish(method: str, ids: dict[str, str], start: float, code: grpc.StatusCode,
+            error: str | None = None) -> None:
+    ms = round((time.perf_counter() - start) * 1000, 3)
+    fields: dict[str, Any] = {"method": method, **ids, "duration_ms": ms, "code": code.name}
+    if error is not None:
+        fields["error"] = error
+    if code in (grpc.StatusCode.OK, grpc.StatusCode.NOT_FOUND):
+        _log.info("cri.call", **fields)
+    elif code is grpc.StatusCode.INTERNAL:
+        _log.error("cri.call", **fields)
+    else:
+        _log.warning("cri.call", **fields)
+
+
+def unary(
+    fn: Callable[[Any, Req, Ctx], Awaitable[Resp]],
+) -> Callable[[Any, Req, Ctx], Awaitable[Resp]]:
+    method = fn.__name__
+
+    @functools.wraps(fn)
+    async def handler(self: Any, request: Req, context: Ctx) -> Resp:
+        start = time.perf_counter()
+        ids = ids_of(request)
+        try:
+            response = await fn(self, request, context)
+        except MoorageError as e:
+            _finish(method, ids, start, _code(e), e.message)
+            await context.abort(_code(e), e.message)
+        except Exception as e:
+            _log.exception("cri.internal_error", method=method, **ids)
+            _finish(method, ids, start, grpc.StatusCode.INTERNAL, repr(e))
+            await context.abort(grpc.StatusCode.INTERNAL, f"{method}: internal error: {e!r}")
+        _finish(method, ids, start, grpc.StatusCode.OK)
+        return response
+
+    return handler
+
+
+def stream(
+    fn: Callable[[Any, Req, Ctx], AsyncIterator[Resp]],
+) -> Callable[[Any, Req, Ctx], AsyncIterator[Resp]]:
+    method = fn.__name__
+
+    @functools.wraps(fn)
+    async def handler(self: Any, request: Req, context: Ctx) -> AsyncIterator[Resp]:
+        start = time.perf_counter()
+        ids = ids_of(request)
+        try:
+            async for item in fn(self, request, context):
+                yield item
+        except MoorageError as e:
+            _finish(method, ids, start, _code(e), e.message)
+            await context.abort(_code(e), e.message)
+        except Exception as e:
+            _log.exception("cri.internal_error", method=method, **ids)
+            _finish(method, ids, start, grpc.StatusCode.INTERNAL, repr(e))
+            await context.abort(grpc.StatusCode.INTERNAL, f"{method}: internal error: {e!r}")
+        _finish(method, ids, start, grpc.StatusCode.OK)
+
+    return handler
+
+
+def _unimplemented(service: str, method: str) -> Callable[..., Awaitable[None]]:
+    message = f"{service}.{method} is not implemented by moorage yet"
+
+    async def handler(self: Any, request: Message, context: Ctx) -> None:
+        _finish(method, ids_of(request), time.perf_counter(), grpc.StatusCode.UNIMPLEMENTED)
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, message)
+
+    handler.__name__ = method
+    return handler
+
+
+def fill_unimplemented(cls: type, service_descriptor: Any) -> type:
+    """Give ``cls`` an UNIMPLEMENTED handler, naming the RPC, for each RPC it lacks."""
+    for method in service_descriptor.methods:
+        if method.name not in cls.__dict__:
+            setattr(cls, method.name, _unimplemented(service_descriptor.name, method.name))
+    return cls

@@ -1,0 +1,14 @@
+"""Container root filesystems (overlayfs over image layers) and their usage accounting."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from moorage.util.fs import FsUsage, dir_usage
+
+
+async def container_fs_usage(path: Path) -> FsUsage:
+    """Usage of the filesystem holding containers' writable layers (ImageFsInfo)."""
+    path.mkdir(parents=True, exist_ok=True)
+    return await asyncio.to_thread(dir_usage, path)

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Runs the whole test suite on a Debian 12 machine as root, installing what it needs:
+#   sudo ./tests/run.sh [pytest args]
+# The integration tests use the real things: runc, overlayfs, a registry server
+# (Debian's docker-registry) on loopback, images built from busybox-static.
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+cd "$here"
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "tests/run.sh: run as root (the tests mount, chroot and start registries)" >&2
+  exit 1
+fi
+need=()
+for pkg in python3-venv runc conmon containernetworking-plugins docker-registry busybox-static \
+           apache2-utils; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+# The Debian package starts a registry on port 5000 where an init system runs it; the tests
+# start their own on free loopback ports and need none.
+
+venv=${MOORAGE_TEST_VENV:-$here/.venv}
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+"$venv/bin/pip" install -q --upgrade pip >/dev/null
+"$venv/bin/pip" install -q -e ".[test]"
+
+status=0
+"$venv/bin/ruff" check src tests || status=1
+"$venv/bin/mypy" || status=1
+"$venv/bin/pytest" -q -ra "$@" || status=$?
+exit $status

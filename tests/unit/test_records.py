@@ -1,0 +1,32 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from moorage.state import records
+
+
+def test_write_read_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "a" / "x.json"
+    records.write(path, "image", {"id": "sha256:1", "tags": ["a"]})
+    assert records.read(path, "image") == {"id": "sha256:1", "tags": ["a"]}
+    assert json.loads(path.read_text())["schema"] == records.SCHEMA_VERSION
+    assert [p.name for p in path.parent.iterdir()] == ["x.json"]  # no temp file left
+
+
+def test_newer_schema_and_wrong_kind_refused(tmp_path: Path) -> None:
+    path = tmp_path / "x.json"
+    path.write_text(json.dumps({"schema": records.SCHEMA_VERSION + 1, "kind": "image"}))
+    with pytest.raises(records.RecordError, match="newer"):
+        records.read(path, "image")
+    records.write(path, "layer", {})
+    with pytest.raises(records.RecordError, match="not a image record"):
+        records.read(path, "image")
+
+
+def test_load_all_reports_broken_records(tmp_path: Path) -> None:
+    records.write(tmp_path / "good.json", "image", {"id": 1})
+    (tmp_path / "bad.json").write_text("{truncated")
+    got = dict(records.load_all(tmp_path, "image"))
+    assert got[tmp_path / "good.json"] == {"id": 1}
+    assert isinstance(got[tmp_path / "bad.json"], records.RecordError)
