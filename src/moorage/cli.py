@@ -26,9 +26,11 @@ def _git_commit() -> str:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moorage", description="A Kubernetes CRI runtime.")
-    p.add_argument("--config", type=Path, help=f"main config file (default {config.DEFAULT_CONFIG})")
+    p.add_argument("--config", type=Path,
+                   help=f"main config file (default {config.DEFAULT_CONFIG})")
     p.add_argument("--config-dir", type=Path,
-                   help=f"drop-in dir, *.toml in lexical order (default {config.DEFAULT_CONFIG_DIR})")
+                   help="drop-in dir, *.toml in lexical order "
+                   f"(default {config.DEFAULT_CONFIG_DIR})")
     p.add_argument("--listen", type=Path, help="unix socket path for the CRI server")
     p.add_argument("--root", type=Path, help="persistent state directory")
     p.add_argument("--runroot", type=Path, help="volatile state directory")

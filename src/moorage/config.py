@@ -100,9 +100,9 @@ class Config(_Section):
         "text",
         description="Daemon log lines: key=value text or one JSON object (flag --log-format).",
     )
-    api: ApiConfig = ApiConfig()
-    runtime: RuntimeConfig = RuntimeConfig()
-    image: ImageConfig = ImageConfig()
+    api: ApiConfig = Field(default_factory=ApiConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    image: ImageConfig = Field(default_factory=ImageConfig)
 
     @field_validator("root", "runroot")
     @classmethod

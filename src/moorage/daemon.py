@@ -126,7 +126,7 @@ class Daemon:
         os.chmod(listen, cfg.api.socket_mode)
         self.server = server
         _log.info("daemon.started", listen=str(listen), version=__version__, root=str(cfg.root),
-                  runroot=str(cfg.runroot), images=len(self.store.list()))
+                  runroot=str(cfg.runroot), images=len(self.store.images()))
 
     def request_stop(self) -> None:
         self._stopping.set()

@@ -22,7 +22,8 @@ def test_defaults_when_no_files(tmp_path: Path) -> None:
 
 
 def test_drop_ins_in_lexical_order_last_wins_and_flags_override(tmp_path: Path) -> None:
-    main = _write(tmp_path / "m.toml", 'log_level = "debug"\n[image]\nmax_concurrent_downloads = 2\n')
+    main = _write(tmp_path / "m.toml",
+                  'log_level = "debug"\n[image]\nmax_concurrent_downloads = 2\n')
     d = tmp_path / "m.d"
     _write(d / "20-b.toml", "[image]\nmax_concurrent_downloads = 5\n")
     _write(d / "10-a.toml", "[image]\nmax_concurrent_downloads = 4\npull_progress_timeout = 7\n")

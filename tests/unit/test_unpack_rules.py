@@ -77,6 +77,7 @@ def test_parent_of() -> None:
     [
         ("etc/passwd", None),
         ("etc/.whx", None),
+        ("a.wh.b/c", None),
         ("etc/.wh.passwd", Whiteout("etc/passwd", opaque=False)),
         (".wh.top", Whiteout("top", opaque=False)),
         ("usr/.wh..wh..opq", Whiteout("usr", opaque=True)),
@@ -95,6 +96,9 @@ def test_whiteout_of(path: str, expected: Whiteout | None) -> None:
         ("a/.wh.", "names no file"),
         ("a/.wh..", "names no file"),
         ("a/.wh...", "names no file"),
+        (".wh..wh.plnk/1", "reserved whiteout name used as a directory"),
+        ("a/.wh.b/c", "reserved whiteout name used as a directory in 'a/.wh.b'"),
+        ("a/.wh..wh..opq/c", "reserved whiteout name"),
     ],
 )
 def test_whiteout_of_refuses(path: str, reason: str) -> None:

@@ -16,7 +16,7 @@ import hashlib
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 from moorage import log
 from moorage.errors import (
@@ -41,11 +41,11 @@ T = TypeVar("T")
 _RETRIES = 3
 
 
-class _SingleFlight:
+class _SingleFlight(Generic[T]):
     """Runs one task per key; every caller awaits the same result."""
 
     def __init__(self) -> None:
-        self._tasks: dict[str, asyncio.Task[object]] = {}
+        self._tasks: dict[str, asyncio.Task[T]] = {}
 
     async def run(self, key: str, make: Callable[[], Awaitable[T]]) -> T:
         task = self._tasks.get(key)
@@ -57,8 +57,8 @@ class _SingleFlight:
                     self._tasks.pop(key, None)
 
             task = asyncio.get_running_loop().create_task(wrapped())
-            self._tasks[key] = task  # type: ignore[assignment]
-        return await asyncio.shield(task)  # type: ignore[return-value]
+            self._tasks[key] = task
+        return await asyncio.shield(task)
 
     def __len__(self) -> int:
         return len(self._tasks)
@@ -89,8 +89,8 @@ class Puller:
         self._unpacks = asyncio.Semaphore(max(1, os.cpu_count() or 1))
         self._max_manifest = max_manifest_size
         self._max_layer = max_layer_size or None
-        self._pulls = _SingleFlight()
-        self._layers = _SingleFlight()
+        self._pulls: _SingleFlight[Image] = _SingleFlight()
+        self._layers: _SingleFlight[None] = _SingleFlight()
         self.platform = mf.host_platform()
 
     @property
@@ -228,8 +228,8 @@ class Puller:
                     )
                     if result.diff_id != diff_id:
                         raise DataLoss(
-                            f"layer {layer.digest} unpacks to {result.diff_id}, but the image "
-                            f"config says {diff_id}"
+                            f"layer {layer.digest} unpacks to diff_id {result.diff_id}, but "
+                            f"the image config says {diff_id}"
                         )
                     used, inodes = await asyncio.to_thread(layer_usage, tmp)
                 await self.store.add_layer(tmp, LayerInfo(diff_id, result.size, used, inodes))

@@ -35,6 +35,7 @@ from moorage.errors import (
     Unavailable,
 )
 from moorage.image.credentials import Credentials
+from moorage.image.manifest import reject_schema1
 from moorage.image.registries import Endpoint
 
 MANIFEST_ACCEPT = ", ".join(
@@ -337,6 +338,9 @@ class RegistryClient:
                 raise DataLoss(f"manifest {where}: truncated body: {e}") from e
             media_type = resp.headers.get("Content-Type", "").split(";")[0].strip()
             header_digest = resp.headers.get("Docker-Content-Digest", "")
+        # Schema 1 manifests are signed anew by the registry on every GET, so their bytes
+        # never match a digest: say what they are before checking.
+        reject_schema1(media_type, f"image {where}")
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
         if reference.startswith("sha256:") and digest != reference:
             raise DataLoss(f"manifest {where}: content has digest {digest}, not {reference}")
@@ -432,7 +436,7 @@ class RegistryClient:
             finally:
                 await asyncio.to_thread(f.close)
         if written != size or "sha256:" + hasher.hexdigest() != digest:
-            partial.unlink(missing_ok=True)
+            await asyncio.to_thread(partial.unlink, missing_ok=True)
             if written != size:
                 raise DataLoss(
                     f"blob {digest}: got {written} bytes, the manifest says {size}; "

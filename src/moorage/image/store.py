@@ -146,7 +146,7 @@ class ImageStore:
 
     # -- reads (from memory) -------------------------------------------------------------
 
-    def list(self) -> list[Image]:
+    def images(self) -> list[Image]:
         return list(self._images.values())
 
     def has_layer(self, diff_id: str) -> bool:
@@ -267,14 +267,15 @@ class ImageStore:
                         image.repo_tags.remove(text)
                     if text in image.repo_digests:
                         image.repo_digests.remove(text)
-                    if ref.tag is not None and ref.digest is None:
-                        # A tag goes with the digest reference it was pulled under when no
-                        # other tag of that repository is left.
-                        if not any(t.startswith(ref.name + ":") for t in image.repo_tags):
-                            image.repo_digests = [
-                                d for d in image.repo_digests
-                                if not d.startswith(ref.name + "@")
-                            ]
+                    # A tag takes the digest reference it was pulled under along when no
+                    # other tag of that repository is left, so `crictl rmi name:tag`
+                    # removes an image pulled by tag.
+                    if ref.tag is not None and ref.digest is None and not any(
+                        t.startswith(ref.name + ":") for t in image.repo_tags
+                    ):
+                        image.repo_digests = [
+                            d for d in image.repo_digests if not d.startswith(ref.name + "@")
+                        ]
             if by_id or not (image.repo_tags or image.repo_digests):
                 del self._images[image.id]
                 await asyncio.to_thread(

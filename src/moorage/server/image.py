@@ -11,9 +11,8 @@ from moorage.errors import InvalidArgument
 from moorage.image.credentials import from_auth_config
 from moorage.image.pull import Puller
 from moorage.image.store import Image, ImageStore
-from moorage.util.fs import FsUsage
 from moorage.server.rpc import Ctx, fill_unimplemented, stream, unary
-
+from moorage.util.fs import FsUsage
 
 #: Images per StreamImagesResponse: far below any message limit, few messages.
 STREAM_BATCH = 100
@@ -73,7 +72,7 @@ class ImageService(pb_grpc.ImageServiceServicer):
         if wanted:
             image = self.store.find(wanted)
             return [to_proto(image)] if image is not None else []
-        return [to_proto(i) for i in self.store.list()]
+        return [to_proto(i) for i in self.store.images()]
 
     @unary
     async def ListImages(self, request: pb.ListImagesRequest, context: Ctx

@@ -40,14 +40,17 @@ def ids_of(request: Message) -> dict[str, str]:
         elif name == "image" and value.image:
             out["image"] = value.image
         elif name == "config" and request.HasField("config"):
-            meta = getattr(value, "metadata", None)
-            if meta is not None and getattr(meta, "name", ""):
-                out["name"] = meta.name
+            meta_name = str(getattr(getattr(value, "metadata", None), "name", "") or "")
+            if meta_name:
+                out["name"] = meta_name
     return out
 
 
 def _code(error: MoorageError) -> grpc.StatusCode:
-    return getattr(grpc.StatusCode, error.code, grpc.StatusCode.INTERNAL)
+    try:
+        return grpc.StatusCode[error.code]
+    except KeyError:
+        return grpc.StatusCode.INTERNAL
 
 
 def _finish(method: str, ids: dict[str, str], start: float, code: grpc.StatusCode,

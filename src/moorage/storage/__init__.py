@@ -10,5 +10,9 @@ from moorage.util.fs import FsUsage, dir_usage
 
 async def container_fs_usage(path: Path) -> FsUsage:
     """Usage of the filesystem holding containers' writable layers (ImageFsInfo)."""
+    return await asyncio.to_thread(_usage, path)
+
+
+def _usage(path: Path) -> FsUsage:
     path.mkdir(parents=True, exist_ok=True)
-    return await asyncio.to_thread(dir_usage, path)
+    return dir_usage(path)

@@ -70,8 +70,14 @@ def parent_of(path: str) -> str:
 
 
 def whiteout_of(path: str) -> Whiteout | None:
-    """Classify a cleaned member path: ``None`` for an ordinary entry, else what it whites out."""
+    """Classify a cleaned member path: ``None`` for an ordinary entry, else what it whites out.
+
+    The ``.wh.`` prefix is reserved: a directory of that name (AUFS' ``.wh..wh.plnk`` for
+    instance) is refused.
+    """
     parent, _, base = path.rpartition("/")
+    if f"/{WHITEOUT_PREFIX}" in f"/{parent}":
+        raise LayerError(f"reserved whiteout name used as a directory in {parent!r}")
     if not base.startswith(WHITEOUT_PREFIX):
         return None
     if base == WHITEOUT_OPAQUE:
