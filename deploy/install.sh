@@ -24,6 +24,9 @@ python3 -m venv "$prefix"
 "$prefix/bin/pip" install -q --upgrade pip
 "$prefix/bin/pip" install -q "$here"
 ln -sf "$prefix/bin/moorage" /usr/local/bin/moorage
+# Record the commit for `moorage version` (the installed copy is not a git checkout).
+pkg=$("$prefix/bin/python" -c 'import moorage, os; print(os.path.dirname(moorage.__file__))')
+git -C "$here" rev-parse HEAD > "$pkg/COMMIT" 2>/dev/null || rm -f "$pkg/COMMIT"
 
 install -d -m 0755 /etc/moorage /etc/moorage/moorage.d
 if [ ! -e /etc/moorage/moorage.toml ]; then

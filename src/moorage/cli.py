@@ -12,8 +12,11 @@ from moorage import CRI_API_VERSION, __version__, config
 
 
 def _git_commit() -> str:
-    """The commit moorage was installed from, when it runs from a git checkout."""
+    """The commit moorage runs from: its git checkout's, else the one the installer recorded."""
     here = Path(__file__).resolve().parent
+    recorded = here / "COMMIT"
+    if recorded.exists():
+        return recorded.read_text().strip() or "unknown"
     try:
         out = subprocess.run(
             ["git", "-C", str(here), "rev-parse", "HEAD"],
