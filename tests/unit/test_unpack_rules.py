@@ -161,6 +161,7 @@ def test_xattrs_of_refuses(key: str, reason: str) -> None:
         ("application/vnd.oci.image.layer.nondistributable.v1.tar+zstd", "zstd"),
         ("application/vnd.docker.image.rootfs.diff.tar", "none"),
         ("application/vnd.docker.image.rootfs.diff.tar.gzip", "gzip"),
+        ("application/vnd.docker.image.rootfs.diff.tar.zstd", "zstd"),
         ("application/vnd.docker.image.rootfs.foreign.diff.tar", "none"),
         ("application/vnd.docker.image.rootfs.foreign.diff.tar.gzip", "gzip"),
         ("Application/VND.OCI.Image.Layer.v1.Tar+Gzip; x=y", "gzip"),

@@ -26,7 +26,8 @@ HELPER_MODULE = "moorage.image.unpack"
 EXIT_REFUSED = 2
 _STDERR_TAIL = 2000
 
-#: Layer media types (OCI image-spec and Docker image manifest v2.2), by compression.
+#: Layer media types (OCI image-spec, Docker image manifest v2.2 and the Docker zstd type
+#: that containerd and moby write), by compression.
 _LAYER_MEDIA_TYPES: dict[str, Compression] = {
     "application/vnd.oci.image.layer.v1.tar": "none",
     "application/vnd.oci.image.layer.v1.tar+gzip": "gzip",
@@ -36,6 +37,7 @@ _LAYER_MEDIA_TYPES: dict[str, Compression] = {
     "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd": "zstd",
     "application/vnd.docker.image.rootfs.diff.tar": "none",
     "application/vnd.docker.image.rootfs.diff.tar.gzip": "gzip",
+    "application/vnd.docker.image.rootfs.diff.tar.zstd": "zstd",  # containerd and moby use it
     "application/vnd.docker.image.rootfs.foreign.diff.tar": "none",
     "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip": "gzip",
 }
@@ -105,12 +107,12 @@ async def unpack_layer(
         os.close(blob_fd)
     try:
         stdout, stderr = await proc.communicate()
-    except BaseException:
+    except BaseException:  # cancelled (or the pipes failed): the helper must not run on
         if proc.returncode is None:
-            proc.kill()
+            with contextlib.suppress(ProcessLookupError):  # it may have just exited
+                proc.kill()
             # A second cancellation while reaping still leaves the helper killed.
-            with contextlib.suppress(ProcessLookupError):
-                await proc.wait()
+            await proc.wait()
         raise
     return _parse_answer(blob, proc.returncode, stdout, stderr)
 

@@ -18,6 +18,7 @@ import ctypes
 import errno
 import json
 import os
+import signal
 import sys
 import traceback
 import zlib  # noqa: F401  (tarfile imports it lazily on some errors)
@@ -35,6 +36,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1  # the machine failed; the layer may be fine
 EXIT_REFUSED = 2  # the layer was refused
 
+_PR_SET_PDEATHSIG = 1
 _CLONE_NEWNS = 0x00020000
 _MS_REC = 0x4000
 _MS_PRIVATE = 1 << 18
@@ -82,6 +84,13 @@ def _libc_call(result: int, what: str) -> None:
         raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
+def _die_with_parent() -> None:
+    """A helper outliving a killed daemon would race the cleanup of its directory."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong]
+    _libc_call(libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL), "prctl(PR_SET_PDEATHSIG)")
+
+
 def _confine(dest: str) -> None:
     """Step 2 and 3: private mount namespace, chroot, no more imports."""
     libc = ctypes.CDLL(None, use_errno=True)
@@ -124,6 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("utf-8", "ascii", "latin-1"):
         codecs.lookup(name)
     try:
+        _die_with_parent()
         raw = open(0, "rb", buffering=0, closefd=False)  # noqa: SIM115 (stdin, left open)
         layer = LayerStream(open_source(raw, args.compression), args.compression, args.max_size)
         _check_dest(args.dest)

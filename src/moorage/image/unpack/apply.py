@@ -37,6 +37,18 @@ TAR_BUFSIZE = 1 << 16
 #: Bytes of file content copied at a time.
 COPY_CHUNK = 1 << 20
 
+#: Largest PAX header or GNU long name accepted (the limit Go's archive/tar uses too).
+MAX_METADATA_SIZE = 1 << 20
+_METADATA_TYPES = frozenset(
+    {
+        tarfile.XHDTYPE,
+        tarfile.XGLTYPE,
+        tarfile.SOLARIS_XHDTYPE,
+        tarfile.GNUTYPE_LONGNAME,
+        tarfile.GNUTYPE_LONGLINK,
+    }
+)
+
 _CREATE_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 #: Failures of the machine, not of the layer.
 _MACHINE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.ENOMEM})
@@ -54,6 +66,17 @@ class _StrictTarInfo(tarfile.TarInfo):
     tarfile stops without a word at a bad checksum, a short block or the end of the stream
     when that happens after the first member; for a layer each of these means corruption.
     """
+
+    @classmethod
+    def frombuf(cls, buf: bytes | bytearray, encoding: str, errors: str) -> Self:
+        header = super().frombuf(buf, encoding, errors)
+        # tarfile reads these into memory whole; a real one is a few KiB at most.
+        if header.type in _METADATA_TYPES and header.size > MAX_METADATA_SIZE:
+            raise LayerError(
+                f"tar metadata header of {header.size} bytes (type {header.type!r}) is over "
+                f"the limit of {MAX_METADATA_SIZE}"
+            )
+        return header
 
     @classmethod
     def fromtarfile(cls, archive: tarfile.TarFile) -> Self:
@@ -118,7 +141,7 @@ class Applier:
             raise LayerError(f"entry {member.name!r}: {e}") from None
         except OSError as e:
             if e.errno in _MACHINE_ERRNOS:
-                raise OSError(e.errno, f"entry {member.name!r}: {e}") from None
+                raise OSError(e.errno, f"entry {member.name!r}: {e.strerror}") from None
             raise LayerError(f"entry {member.name!r}: {e}") from None
         except (ValueError, OverflowError) as e:
             raise LayerError(f"entry {member.name!r}: {e}") from None
