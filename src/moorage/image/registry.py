@@ -182,7 +182,7 @@ class RegistryClient:
                 continue
             self._scheme[host] = scheme
             return resp
-        raise Unavailable(f"registry {host} is unreachable: {last}")
+        raise Unavailable(f"registry {host} is unreachable: {_reason(last)}")
 
     async def _get_authorized(
         self,
@@ -446,6 +446,15 @@ class RegistryClient:
                 f"blob {digest}: content has digest sha256:{hasher.hexdigest()}; "
                 "the blob is corrupt"
             )
+
+
+def _reason(error: Exception | None) -> str:
+    """A connection failure in words, without aiohttp's connection-key noise."""
+    if isinstance(error, aiohttp.ClientConnectorCertificateError):
+        return f"TLS certificate verification failed: {error.certificate_error}"
+    if isinstance(error, aiohttp.ClientConnectorError):
+        return str(error.os_error.strerror or error.os_error)
+    return str(error)
 
 
 def _who(creds: Credentials | None) -> str:
