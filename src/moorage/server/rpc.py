@@ -7,6 +7,7 @@ define answer UNIMPLEMENTED with the RPC's name (:func:`fill_unimplemented`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -67,26 +68,31 @@ def _finish(method: str, ids: dict[str, str], start: float, code: grpc.StatusCod
         _log.warning("cri.call", **fields)
 
 
+@contextlib.asynccontextmanager
+async def _call(method: str, request: Message, context: Ctx) -> AsyncIterator[None]:
+    """Logs one event for the call and turns errors into the status the caller sees."""
+    start = time.perf_counter()
+    ids = ids_of(request)
+    try:
+        yield
+    except MoorageError as e:
+        _finish(method, ids, start, _code(e), e.message)
+        await context.abort(_code(e), e.message)
+    except Exception as e:
+        _log.exception("cri.internal_error", method=method, **ids)
+        _finish(method, ids, start, grpc.StatusCode.INTERNAL, repr(e))
+        await context.abort(grpc.StatusCode.INTERNAL, f"{method}: internal error: {e!r}")
+    _finish(method, ids, start, grpc.StatusCode.OK)
+
+
 def unary(
     fn: Callable[[Any, Req, Ctx], Awaitable[Resp]],
 ) -> Callable[[Any, Req, Ctx], Awaitable[Resp]]:
-    method = fn.__name__
-
     @functools.wraps(fn)
     async def handler(self: Any, request: Req, context: Ctx) -> Resp:
-        start = time.perf_counter()
-        ids = ids_of(request)
-        try:
-            response = await fn(self, request, context)
-        except MoorageError as e:
-            _finish(method, ids, start, _code(e), e.message)
-            await context.abort(_code(e), e.message)
-        except Exception as e:
-            _log.exception("cri.internal_error", method=method, **ids)
-            _finish(method, ids, start, grpc.StatusCode.INTERNAL, repr(e))
-            await context.abort(grpc.StatusCode.INTERNAL, f"{method}: internal error: {e!r}")
-        _finish(method, ids, start, grpc.StatusCode.OK)
-        return response
+        async with _call(fn.__name__, request, context):
+            return await fn(self, request, context)
+        raise AssertionError("unreachable: _call re-raises")
 
     return handler
 
@@ -94,23 +100,11 @@ def unary(
 def stream(
     fn: Callable[[Any, Req, Ctx], AsyncIterator[Resp]],
 ) -> Callable[[Any, Req, Ctx], AsyncIterator[Resp]]:
-    method = fn.__name__
-
     @functools.wraps(fn)
     async def handler(self: Any, request: Req, context: Ctx) -> AsyncIterator[Resp]:
-        start = time.perf_counter()
-        ids = ids_of(request)
-        try:
+        async with _call(fn.__name__, request, context):
             async for item in fn(self, request, context):
                 yield item
-        except MoorageError as e:
-            _finish(method, ids, start, _code(e), e.message)
-            await context.abort(_code(e), e.message)
-        except Exception as e:
-            _log.exception("cri.internal_error", method=method, **ids)
-            _finish(method, ids, start, grpc.StatusCode.INTERNAL, repr(e))
-            await context.abort(grpc.StatusCode.INTERNAL, f"{method}: internal error: {e!r}")
-        _finish(method, ids, start, grpc.StatusCode.OK)
 
     return handler
 
