@@ -41,6 +41,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-format", choices=["text", "json"])
     p.add_argument("--cgroup-manager", choices=["cgroupfs", "systemd"])
+    p.add_argument("--default-runtime", help="runtime handler for pods that name none")
+    p.add_argument("--cni-config-dir", type=Path, help="CNI network config dir")
+    p.add_argument("--cni-plugin-dir", type=Path, action="append",
+                   help="CNI plugin dir (repeatable; replaces the configured list)")
     sub = p.add_subparsers(dest="command")
     sub.add_parser("run", help="run the daemon (the default)")
     sub.add_parser("config", help="print the effective configuration as commented TOML")

@@ -13,7 +13,14 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 DEFAULT_CONFIG = Path("/etc/moorage/moorage.toml")
 DEFAULT_CONFIG_DIR = Path("/etc/moorage/moorage.d")
@@ -46,11 +53,46 @@ class ApiConfig(_Section):
     )
 
 
+class RuntimeHandler(_Section):
+    runtime_path: str = Field(
+        "", description="The OCI runtime binary; empty means the handler's name looked up in PATH."
+    )
+    runtime_root: Path | None = Field(
+        None, description="The runtime's --root state dir; empty means <runroot>/runtimes/<name>."
+    )
+    runtime_type: Literal["oci"] = Field("oci", description="Only OCI runtimes for now.")
+
+
 class RuntimeConfig(_Section):
     cgroup_manager: Literal["cgroupfs", "systemd"] = Field(
         "cgroupfs",
         description="cgroup driver reported to kubelet by RuntimeConfig; must match kubelet's "
         "cgroupDriver (flag --cgroup-manager).",
+    )
+    default_runtime: str = Field(
+        "runc",
+        description="Runtime handler for pods that name none (flag --default-runtime).",
+    )
+    infra_command: list[str] = Field(
+        ["/usr/bin/catatonit", "-P"],
+        description="The infra process of pods whose containers share a PID namespace "
+        "(pause mode; needs no image).",
+    )
+
+
+class NetworkConfig(_Section):
+    cni_config_dir: Path = Field(
+        Path("/etc/cni/net.d"),
+        description="CNI network configs; the first valid one by file name is used, unless "
+        "cni_default_network names one (flag --cni-config-dir).",
+    )
+    cni_plugin_dirs: list[Path] = Field(
+        [Path("/opt/cni/bin"), Path("/usr/lib/cni")],
+        description="Where CNI plugins are looked up, in order (flag --cni-plugin-dir, "
+        "repeatable).",
+    )
+    cni_default_network: str = Field(
+        "", description="Name of the CNI network to use; empty means the first valid config."
     )
 
 
@@ -103,6 +145,24 @@ class Config(_Section):
     api: ApiConfig = Field(default_factory=ApiConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     image: ImageConfig = Field(default_factory=ImageConfig)
+    network: NetworkConfig = Field(default_factory=NetworkConfig)
+    runtimes: dict[str, RuntimeHandler] = Field(
+        default_factory=lambda: {"runc": RuntimeHandler()},
+        description="Runtime handlers by name (CRI runtime_handler); [runtimes.<name>] tables.",
+    )
+
+    @model_validator(mode="after")
+    def _default_runtime_known(self) -> Config:
+        if self.runtime.default_runtime not in self.runtimes:
+            raise ValueError(
+                f"runtime.default_runtime {self.runtime.default_runtime!r} is not a configured "
+                f"runtime handler (have: {', '.join(sorted(self.runtimes)) or 'none'})"
+            )
+        return self
+
+    def runtime_root(self, handler: str) -> Path:
+        root = self.runtimes[handler].runtime_root
+        return root if root is not None else self.runroot / "runtimes" / handler
 
     @field_validator("root", "runroot")
     @classmethod
@@ -121,6 +181,9 @@ FLAG_KEYS: dict[str, str] = {
     "log_level": "log_level",
     "log_format": "log_format",
     "cgroup_manager": "runtime.cgroup_manager",
+    "default_runtime": "runtime.default_runtime",
+    "cni_config_dir": "network.cni_config_dir",
+    "cni_plugin_dir": "network.cni_plugin_dirs",
 }
 
 
@@ -198,6 +261,8 @@ def load(
 
 
 def _toml_value(value: Any) -> str:
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
@@ -213,9 +278,16 @@ def _render_section(model: BaseModel, lines: list[str]) -> list[tuple[str, BaseM
         if isinstance(value, BaseModel):
             tables.append((name, value))
             continue
+        if isinstance(value, dict):
+            if field.description:
+                lines.append(f"# {name}: {field.description}")
+            tables += [(f"{name}.{key}", sub) for key, sub in value.items()]
+            continue
         if field.description:
             lines.append(f"# {field.description}")
-        if name == "socket_mode":
+        if value is None:
+            lines.append(f"# {name} =")
+        elif name == "socket_mode":
             lines.append(f"{name} = 0o{value:o}")
         else:
             lines.append(f"{name} = {_toml_value(value)}")

@@ -21,6 +21,9 @@ from moorage.image import registries
 from moorage.image.pull import Puller
 from moorage.image.registry import RegistryClient
 from moorage.image.store import ImageStore
+from moorage.network.cni import CNIManager
+from moorage.sandbox import cgroups
+from moorage.sandbox.manager import Paths, SandboxManager
 from moorage.server.image import ImageService
 from moorage.server.runtime import RuntimeService
 from moorage.storage import container_fs_usage
@@ -104,6 +107,19 @@ class Daemon:
             max_layer_size=cfg.image.max_layer_size,
         )
         containers_dir = cfg.root / "containers"
+        if cfg.runtime.cgroup_manager == "systemd" and not Path("/run/systemd/system").is_dir():
+            raise StartError("runtime.cgroup_manager = \"systemd\" needs systemd as the init "
+                             "system; this host has none: use cgroupfs")
+        self.cni = CNIManager(cfg.network.cni_config_dir, cfg.network.cni_plugin_dirs,
+                              cfg.root / "network" / "cni-cache", cfg.network.cni_default_network)
+        self.sandboxes = SandboxManager(
+            Paths(cfg.root / "sandboxes", cfg.runroot / "sandboxes", cfg.runroot / "ns"),
+            self.cni, await asyncio.to_thread(cgroups.Layout.detect),
+            cgroup_driver=cfg.runtime.cgroup_manager, handlers=list(cfg.runtimes),
+            default_handler=cfg.runtime.default_runtime,
+            infra_command=cfg.runtime.infra_command,
+        )
+        await self.sandboxes.recover()
 
         async def container_fs() -> Any:
             return await container_fs_usage(containers_dir)
@@ -113,7 +129,8 @@ class Daemon:
             ("grpc.max_send_message_length", cfg.api.grpc_max_send_msg_size),
         ])
         pb_grpc.add_RuntimeServiceServicer_to_server(
-            RuntimeService(cfg.runtime.cgroup_manager, self.info), server)
+            RuntimeService(cfg.runtime.cgroup_manager, self.info, self.sandboxes,
+                           list(cfg.runtimes)), server)
         pb_grpc.add_ImageServiceServicer_to_server(
             ImageService(self.store, puller, container_fs), server)
         old_umask = os.umask(0o777 & ~cfg.api.socket_mode)
@@ -126,7 +143,8 @@ class Daemon:
         os.chmod(listen, cfg.api.socket_mode)
         self.server = server
         _log.info("daemon.started", listen=str(listen), version=__version__, root=str(cfg.root),
-                  runroot=str(cfg.runroot), images=len(self.store.images()))
+                  runroot=str(cfg.runroot), images=len(self.store.images()),
+                  sandboxes=len(self.sandboxes.list()))
 
     def request_stop(self) -> None:
         self._stopping.set()

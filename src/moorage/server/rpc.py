@@ -123,6 +123,7 @@ def _unimplemented(service: str, method: str) -> Callable[..., Awaitable[None]]:
 def fill_unimplemented(cls: type, service_descriptor: Any) -> type:
     """Give ``cls`` an UNIMPLEMENTED handler, naming the RPC, for each RPC it lacks."""
     for method in service_descriptor.methods:
-        if method.name not in cls.__dict__:
+        owner = next((k for k in cls.__mro__ if method.name in k.__dict__), None)
+        if owner is None or owner.__module__.endswith("_pb2_grpc"):
             setattr(cls, method.name, _unimplemented(service_descriptor.name, method.name))
     return cls

@@ -1,10 +1,11 @@
-"""runtime.v1.RuntimeService: what exists so far (Version, Status, RuntimeConfig).
+"""runtime.v1.RuntimeService: runtime RPCs here, pod sandbox RPCs from ``server.sandbox``.
 
 Every RPC not defined here answers UNIMPLEMENTED with its name.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from collections.abc import Callable
 from typing import Any
@@ -12,17 +13,28 @@ from typing import Any
 from moorage import CRI_API_VERSION, __version__
 from moorage.cri.v1 import api_pb2 as pb
 from moorage.cri.v1 import api_pb2_grpc as pb_grpc
+from moorage.errors import InvalidArgument
+from moorage.sandbox.manager import SandboxManager
 from moorage.server.rpc import Ctx, fill_unimplemented, unary
+from moorage.server.sandbox import SandboxRpcs
 
 RUNTIME_NAME = "moorage"
 #: The kubelet-facing API version field of VersionResponse, fixed by the CRI.
 KUBE_API_VERSION = "0.1.0"
 
 
-class RuntimeService(pb_grpc.RuntimeServiceServicer):
-    def __init__(self, cgroup_manager: str, info: Callable[[], dict[str, Any]]) -> None:
+class RuntimeService(SandboxRpcs, pb_grpc.RuntimeServiceServicer):
+    def __init__(
+        self,
+        cgroup_manager: str,
+        info: Callable[[], dict[str, Any]],
+        sandboxes: SandboxManager,
+        handlers: list[str],
+    ) -> None:
         self.cgroup_manager = cgroup_manager
         self.info = info
+        self.sandboxes = sandboxes
+        self.handlers = handlers
 
     @unary
     async def Version(self, request: pb.VersionRequest, context: Ctx) -> pb.VersionResponse:
@@ -35,19 +47,33 @@ class RuntimeService(pb_grpc.RuntimeServiceServicer):
 
     @unary
     async def Status(self, request: pb.StatusRequest, context: Ctx) -> pb.StatusResponse:
+        ready, reason, message = self.sandboxes.cni.status()
         conditions = [
             pb.RuntimeCondition(type="RuntimeReady", status=True),
-            pb.RuntimeCondition(
-                type="NetworkReady",
-                status=False,
-                reason="NetworkPluginNotReady",
-                message="moorage: pod networking (CNI) is not available in this version",
-            ),
+            pb.RuntimeCondition(type="NetworkReady", status=ready, reason=reason,
+                                message=message),
         ]
         info = {}
         if request.verbose:
             info = {key: json.dumps(value) for key, value in self.info().items()}
-        return pb.StatusResponse(status=pb.RuntimeStatus(conditions=conditions), info=info)
+        # The default handler is listed under the empty name too, as kubelet looks it up so.
+        handlers = [pb.RuntimeHandler(name=name, features=pb.RuntimeHandlerFeatures())
+                    for name in ["", *self.handlers]]
+        return pb.StatusResponse(status=pb.RuntimeStatus(conditions=conditions), info=info,
+                                 runtime_handlers=handlers)
+
+    @unary
+    async def UpdateRuntimeConfig(self, request: pb.UpdateRuntimeConfigRequest, context: Ctx
+                                  ) -> pb.UpdateRuntimeConfigResponse:
+        cidr = request.runtime_config.network_config.pod_cidr
+        if cidr:
+            try:
+                ipaddress.ip_network(cidr.split(",")[0].strip(), strict=False)
+            except ValueError as e:
+                raise InvalidArgument(
+                    f"runtime_config.network_config.pod_cidr: {cidr!r} is not a CIDR") from e
+        self.sandboxes.cni.set_pod_cidr(cidr)
+        return pb.UpdateRuntimeConfigResponse()
 
     @unary
     async def RuntimeConfig(self, request: pb.RuntimeConfigRequest, context: Ctx

@@ -1,0 +1,617 @@
+"""The pod cgroup: where it lives (cgroupfs or systemd driver), creating it, limits, removal.
+
+Both cgroup versions are handled with plain file operations on the mounted hierarchies:
+
+- **v1** (legacy, or hybrid with cgroup2 at ``<root>/unified``): the pod cgroup is a directory
+  of the same relative path in every v1 hierarchy (``cpu``, ``cpuacct``, ``memory``, ``pids``,
+  ``cpuset``, ``blkio``, ``devices``, ``freezer``, ``hugetlb``, ``name=systemd``... as
+  mounted) and, on a hybrid host, in the cgroup2 tree too (runc joins it there as well, for
+  process tracking only: no limits are written there).
+- **v2** (unified): one directory; controllers are enabled in the ``cgroup.subtree_control``
+  of each ancestor, as runc does.
+
+Limits follow runc's translation of the OCI ``LinuxResources`` (which is what kubelet's CRI
+``LinuxContainerResources`` becomes): the same files, the same v1 -> v2 conversions, the
+same write order where the kernel cares.
+
+The systemd driver: :func:`pod_cgroup_path` converts a slice name to its path, so the spec
+generation of the systemd driver is testable anywhere. Creating a slice for real belongs to
+systemd (a transient unit over D-Bus), which is out of scope: the daemon refuses the systemd
+driver at start when PID 1 is not systemd, and on a systemd host kubelet creates the pod
+slices itself before RunPodSandbox.
+
+Everything here blocks: call it off the event loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import os
+import posixpath
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from moorage.errors import FailedPrecondition, InvalidArgument
+
+__all__ = [
+    "DEFAULT_CGROUPFS_PARENT",
+    "DEFAULT_SYSTEMD_PARENT",
+    "V1_CONTROLLERS",
+    "V2_CONTROLLERS",
+    "Layout",
+    "PodCgroup",
+    "Resources",
+    "cpu_weight",
+    "memory_swap_v2",
+    "pod_cgroup_path",
+    "systemd_slice_path",
+]
+
+Driver = Literal["cgroupfs", "systemd"]
+
+#: Parents of pods that come without ``linux.cgroup_parent`` (CRI-O uses "/crio" and
+#: "system.slice").
+DEFAULT_CGROUPFS_PARENT = "/moorage"
+DEFAULT_SYSTEMD_PARENT = "system.slice"
+
+#: Controller names a cgroup v1 mount can carry (its super options); named hierarchies
+#: (``name=systemd``) are hierarchies too.
+V1_CONTROLLERS = frozenset(
+    {
+        "blkio",
+        "cpu",
+        "cpuacct",
+        "cpuset",
+        "debug",
+        "devices",
+        "freezer",
+        "hugetlb",
+        "memory",
+        "misc",
+        "net_cls",
+        "net_prio",
+        "perf_event",
+        "pids",
+        "rdma",
+    }
+)
+#: The v2 controllers a pod cgroup's ancestors enable for it, in this order.
+V2_CONTROLLERS = ("cpuset", "cpu", "io", "memory", "hugetlb", "pids")
+
+
+@dataclass(frozen=True)
+class Resources:
+    """CRI ``LinuxContainerResources`` of a pod; 0 and "" mean "not set".
+
+    Negative values mean "unlimited" where the kernel has such a value (quota, memory, swap,
+    pids), as in the OCI spec.
+    """
+
+    cpu_period: int = 0
+    cpu_quota: int = 0
+    cpu_shares: int = 0
+    memory_limit: int = 0
+    memory_swap_limit: int = 0
+    cpuset_cpus: str = ""
+    cpuset_mems: str = ""
+    pids_limit: int = 0
+    #: page size as CRI gives it ("2MB", "1GB") -> limit in bytes
+    hugepage_limits: Mapping[str, int] = field(default_factory=dict)
+    #: cgroup v2 file name -> value, written as given (v2 only)
+    unified: Mapping[str, str] = field(default_factory=dict)
+
+
+# -- what the machine has -------------------------------------------------------------------
+
+
+def _unescape(field_: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as ``\\ooo``."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field_)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The cgroup hierarchies of this machine.
+
+    ``version`` is 2 when cgroup2 is mounted at ``root`` itself (unified), else 1.
+    ``v1_controllers`` maps each v1 controller name (and ``name=<x>`` of named hierarchies)
+    to its mountpoint; co-mounted controllers share one. ``unified`` is the cgroup2
+    mountpoint: ``root`` on v2, ``<root>/unified`` on a hybrid host, None on pure v1.
+    """
+
+    root: Path
+    version: int
+    v1_controllers: Mapping[str, Path] = field(default_factory=dict)
+    unified: Path | None = None
+
+    @classmethod
+    def detect(
+        cls,
+        root: Path = Path("/sys/fs/cgroup"),
+        mountinfo: Path = Path("/proc/self/mountinfo"),
+    ) -> Layout:
+        """Read ``mountinfo`` and keep the cgroup mounts at or below ``root``."""
+        return cls.from_mountinfo(mountinfo.read_text(), root)
+
+    @classmethod
+    def from_mountinfo(cls, text: str, root: Path = Path("/sys/fs/cgroup")) -> Layout:
+        root = Path(posixpath.normpath(str(root)))
+        # mountpoint -> (fstype, super options); a later mount on the same point hides the
+        # earlier one.
+        mounts: dict[Path, tuple[str, list[str]]] = {}
+        for line in text.splitlines():
+            left, sep, right = line.partition(" - ")
+            if not sep:
+                continue
+            lf, rf = left.split(), right.split()
+            if len(lf) < 5 or len(rf) < 3:
+                continue
+            point = Path(_unescape(lf[4]))
+            fstype, super_opts = rf[0], rf[2].split(",")
+            mounts[point] = (fstype, super_opts)
+        v1: dict[str, Path] = {}
+        unified: Path | None = None
+        for point, (fstype, opts) in mounts.items():
+            if point != root and root not in point.parents:
+                continue
+            if fstype == "cgroup2":
+                if unified is None or point == root:
+                    unified = point
+            elif fstype == "cgroup":
+                for opt in opts:
+                    if opt in V1_CONTROLLERS or opt.startswith("name="):
+                        v1.setdefault(opt, point)
+        if unified == root:
+            return cls(root=root, version=2, v1_controllers={}, unified=root)
+        if v1:
+            return cls(root=root, version=1, v1_controllers=v1, unified=unified)
+        if unified is not None:
+            return cls(root=root, version=2, v1_controllers={}, unified=unified)
+        raise FailedPrecondition(f"no cgroup or cgroup2 filesystem is mounted at or below {root}")
+
+    def hierarchies(self) -> list[Path]:
+        """Mountpoints where a pod cgroup gets a directory (each v1 hierarchy once, then the
+        hybrid cgroup2 tree; or the one v2 tree)."""
+        if self.version == 2:
+            assert self.unified is not None
+            return [self.unified]
+        points: list[Path] = []
+        for point in self.v1_controllers.values():
+            if point not in points:
+                points.append(point)
+        if self.unified is not None:
+            points.append(self.unified)
+        return points
+
+
+# -- where the pod cgroup is ----------------------------------------------------------------
+
+_UNIT_CHARS = re.compile(r"[A-Za-z0-9:_.\\-]+")
+
+
+def systemd_slice_path(slice_name: str) -> str:
+    """The cgroup path of a systemd slice, by runc's ``ExpandSlice`` rules.
+
+    ``"a-b-c.slice"`` -> ``"/a.slice/a-b.slice/a-b-c.slice"``; ``"-.slice"`` (the root slice)
+    -> ``"/"``. The name must end in ``.slice`` with something before it, have no ``/``, and
+    no empty ``-``-separated component (``a--b.slice``, ``-a.slice``, ``a-.slice`` are
+    invalid). We also require systemd's unit name characters and length (at most 255).
+    """
+    suffix = ".slice"
+    if (
+        len(slice_name) <= len(suffix)
+        or not slice_name.endswith(suffix)
+        or "/" in slice_name
+        or len(slice_name) > 255
+        or not _UNIT_CHARS.fullmatch(slice_name)
+    ):
+        raise InvalidArgument(f"cgroup_parent: {slice_name!r} is not a valid systemd slice name")
+    stem = slice_name[: -len(suffix)]
+    if stem == "-":
+        return "/"
+    path, prefix = "", ""
+    for component in stem.split("-"):
+        if not component:
+            raise InvalidArgument(
+                f"cgroup_parent: {slice_name!r} is not a valid systemd slice name "
+                "(empty component between '-')"
+            )
+        path += f"/{prefix}{component}{suffix}"
+        prefix += f"{component}-"
+    return path
+
+
+def _check_cgroup_path(path: str, what: str) -> str:
+    if not path.startswith("/"):
+        raise InvalidArgument(f"{what}: {path!r} must be an absolute cgroup path")
+    if any(part in (".", "..") for part in path.split("/")):
+        raise InvalidArgument(f"{what}: {path!r} must not contain '.' or '..' components")
+    if "\0" in path or "\n" in path:
+        raise InvalidArgument(f"{what}: {path!r} contains a NUL or newline character")
+    norm = posixpath.normpath(path)
+    if norm.startswith("//"):
+        norm = "/" + norm.lstrip("/")
+    if norm == "/":
+        raise InvalidArgument(f"{what}: {path!r} is the root cgroup, not a pod cgroup")
+    return norm
+
+
+def pod_cgroup_path(cgroup_parent: str, driver: Driver) -> str:
+    """The pod cgroup's path relative to each hierarchy root, from ``linux.cgroup_parent``.
+
+    - cgroupfs: an absolute path such as ``/kubepods/burstable/pod<uid>`` (normalized; no
+      ``.``/``..`` components; not ``/``).
+    - systemd: a slice name such as ``kubepods-burstable-pod<uid>.slice``, expanded to its
+      path (:func:`systemd_slice_path`); the root slice ``-.slice`` is refused.
+
+    An empty parent gives the driver's default parent, as CRI-O does (it uses ``/crio`` and
+    ``system.slice``; we use :data:`DEFAULT_CGROUPFS_PARENT` and
+    :data:`DEFAULT_SYSTEMD_PARENT`). That parent is shared by every pod without one: the
+    caller must not remove it with one of those pods.
+    """
+    what = "linux.cgroup_parent"
+    if driver == "cgroupfs":
+        return _check_cgroup_path(cgroup_parent or DEFAULT_CGROUPFS_PARENT, what)
+    if driver == "systemd":
+        try:
+            path = systemd_slice_path(cgroup_parent or DEFAULT_SYSTEMD_PARENT)
+        except InvalidArgument as e:
+            raise InvalidArgument(
+                f"{what}: {cgroup_parent!r} is not a systemd slice name such as "
+                "'kubepods-burstable-pod<uid>.slice' (the systemd cgroup driver is configured)"
+            ) from e
+        return _check_cgroup_path(path, what)
+    raise InvalidArgument(f"cgroup driver {driver!r} is neither 'cgroupfs' nor 'systemd'")
+
+
+# -- conversions ----------------------------------------------------------------------------
+
+
+def cpu_weight(shares: int) -> int:
+    """cgroup v2 ``cpu.weight`` from v1 ``cpu.shares`` (runc's and kubelet's linear map).
+
+    ``1 + ((shares - 2) * 9999) // 262142`` with shares clamped to the v1 range [2, 262144],
+    so 2 -> 1, 1024 -> 39, 262144 -> 10000. 0 (not set) -> 0.
+    """
+    if shares == 0:
+        return 0
+    shares = min(max(shares, 2), 262144)
+    return 1 + ((shares - 2) * 9999) // 262142
+
+
+def memory_swap_v2(swap_limit: int, memory_limit: int) -> int:
+    """cgroup v2 ``memory.swap.max`` from the v1-style memory+swap limit (runc's conversion).
+
+    Returns -1 for "max", 0 for "do not write". v2 limits swap alone, v1 memory plus swap.
+    """
+    if memory_limit == -1 and swap_limit == 0:
+        return -1  # unlimited memory without a swap value: unlimited swap too
+    if swap_limit in (-1, 0):
+        return swap_limit
+    if memory_limit in (0, -1):
+        raise InvalidArgument(
+            "linux.resources.memory_swap_limit_in_bytes: a swap limit needs a memory limit"
+        )
+    if memory_limit < 0:
+        raise InvalidArgument(
+            f"linux.resources.memory_limit_in_bytes: invalid value {memory_limit}"
+        )
+    if swap_limit < memory_limit:
+        raise InvalidArgument(
+            f"linux.resources.memory_swap_limit_in_bytes: {swap_limit} is below the memory "
+            f"limit {memory_limit} (it is memory plus swap)"
+        )
+    return swap_limit - memory_limit
+
+
+_PAGE_SIZE_RE = re.compile(r"[0-9]+[KMGTP]?B")
+
+
+def _max(value: int) -> str:
+    return "max" if value < 0 else str(value)
+
+
+# -- the pod cgroup -------------------------------------------------------------------------
+
+
+class PodCgroup:
+    """One pod cgroup at relative ``path`` in every hierarchy of ``layout``."""
+
+    #: rmdir retries on EBUSY (a killed process can linger a moment), as runc does.
+    RMDIR_TRIES = 5
+    RMDIR_DELAY = 0.01
+
+    def __init__(self, layout: Layout, path: str) -> None:
+        self.layout = layout
+        self.path = _check_cgroup_path(path, "pod cgroup path")
+        self._rel = self.path.lstrip("/")
+
+    def __repr__(self) -> str:
+        return f"PodCgroup({self.path!r}, v{self.layout.version})"
+
+    def dirs(self) -> list[Path]:
+        """The pod cgroup's directory in each hierarchy."""
+        return [point / self._rel for point in self.layout.hierarchies()]
+
+    def procs_files(self) -> list[Path]:
+        """Where to write a pid to move a process into the pod cgroup (all of them)."""
+        return [d / "cgroup.procs" for d in self.dirs()]
+
+    # -- create ---------------------------------------------------------------------------
+
+    def create(self) -> list[Path]:
+        """Create the missing directories; return those created, parents first.
+
+        Existing directories (kubelet made them) are kept and not returned. v1 cpuset
+        directories get ``cpuset.cpus``/``cpuset.mems`` copied from their parent where empty
+        (a task cannot join an empty cpuset). v2: each ancestor enables the controllers
+        that the pod cgroup can use in its ``cgroup.subtree_control`` (the pod cgroup's own
+        subtree_control is left to runc, which enables it when it creates a container's
+        cgroup below). On failure the directories created so far are removed again.
+        """
+        created: list[Path] = []
+        try:
+            for point in self.layout.hierarchies():
+                self._mkdirs(point, created, enable=self.layout.version == 2)
+                if self.layout.version == 1 and point == self.layout.v1_controllers.get("cpuset"):
+                    self._cpuset_inherit(point)
+        except BaseException:
+            with contextlib.suppress(FailedPrecondition):
+                self.remove(created)
+            raise
+        return created
+
+    def _mkdirs(self, point: Path, created: list[Path], *, enable: bool) -> None:
+        """mkdir -p below ``point``, appending what it creates to ``created`` as it goes;
+        with ``enable`` (v2), each ancestor enables controllers before its child is made."""
+        if not point.is_dir():
+            raise FailedPrecondition(f"cgroup hierarchy {point} is missing")
+        current = point
+        for part in self._rel.split("/"):
+            if enable:
+                self._enable_controllers(current)
+            current = current / part
+            try:
+                os.mkdir(current, 0o755)
+            except FileExistsError:
+                continue
+            except OSError as e:
+                raise FailedPrecondition(f"create cgroup {current}: {e.strerror}") from None
+            created.append(current)
+
+    def _ancestry(self, point: Path) -> list[Path]:
+        """``point`` and every directory down to the pod cgroup, top first."""
+        out = [point]
+        for part in self._rel.split("/"):
+            out.append(out[-1] / part)
+        return out
+
+    def _cpuset_inherit(self, point: Path) -> None:
+        chain = self._ancestry(point)
+        for parent, child in itertools.pairwise(chain):
+            for name in ("cpuset.cpus", "cpuset.mems"):
+                if _read(child / name).strip():
+                    continue
+                _write(child / name, _read(parent / name).strip())
+
+    @staticmethod
+    def _enable_controllers(directory: Path) -> None:
+        """Enable in ``directory``'s subtree_control what its children can use of
+        :data:`V2_CONTROLLERS` and is not enabled yet."""
+        available = _read(directory / "cgroup.controllers").split()
+        enabled = set(_read(directory / "cgroup.subtree_control").split())
+        wanted = [f"+{c}" for c in V2_CONTROLLERS if c in available and c not in enabled]
+        if not wanted:
+            return
+        target = directory / "cgroup.subtree_control"
+        try:
+            _write(target, " ".join(wanted))
+        except FailedPrecondition:
+            # One by one, as runc: some may be refused (not delegated, or processes in the
+            # ancestor); a limit on a controller left out fails later, naming its file.
+            for one in wanted:
+                with contextlib.suppress(FailedPrecondition):
+                    _write(target, one)
+
+    # -- limits ---------------------------------------------------------------------------
+
+    def apply(self, res: Resources) -> None:
+        """Write the limits of ``res`` (what is set) into the pod cgroup.
+
+        A write the kernel refuses raises FailedPrecondition naming the file and the value.
+        """
+        for size in res.hugepage_limits:
+            if not _PAGE_SIZE_RE.fullmatch(size):
+                raise InvalidArgument(
+                    f"linux.resources.hugepage_limits: page size {size!r} is not like '2MB'"
+                )
+        for key in res.unified:
+            if not key or "/" in key or key.startswith(".") or "\0" in key:
+                raise InvalidArgument(f"linux.resources.unified: {key!r} is not a cgroup file name")
+        memory_swap_v2(res.memory_swap_limit, res.memory_limit)  # the same rules on v1
+        if self.layout.version == 2:
+            self._apply_v2(res)
+        else:
+            if res.unified:
+                raise InvalidArgument(
+                    "linux.resources.unified: cgroup v2 settings, but this host has cgroup v1 "
+                    f"({', '.join(sorted(res.unified))})"
+                )
+            self._apply_v1(res)
+
+    def _v1_dir(self, controller: str, value: object) -> Path:
+        point = self.layout.v1_controllers.get(controller)
+        if point is None:
+            raise FailedPrecondition(
+                f"cgroup v1 controller {controller!r} is not mounted on this host "
+                f"(needed to set {value})"
+            )
+        return point / self._rel
+
+    def _apply_v1(self, res: Resources) -> None:
+        if res.cpu_shares or res.cpu_period or res.cpu_quota:
+            d = self._v1_dir("cpu", "cpu limits")
+            if res.cpu_shares:
+                _write(d / "cpu.shares", str(res.cpu_shares))
+            # The period first; if the kernel refuses it against the old quota (EINVAL),
+            # the quota first and the period again (runc's order).
+            period_pending = False
+            if res.cpu_period:
+                try:
+                    _write(d / "cpu.cfs_period_us", str(res.cpu_period))
+                except _WriteError as e:
+                    if not (e.errno == errno.EINVAL and res.cpu_quota):
+                        raise
+                    period_pending = True
+            if res.cpu_quota:
+                _write(d / "cpu.cfs_quota_us", str(res.cpu_quota))
+                if period_pending:
+                    _write(d / "cpu.cfs_period_us", str(res.cpu_period))
+        if res.memory_limit or res.memory_swap_limit:
+            self._memory_v1(self._v1_dir("memory", "memory limits"), res)
+        if res.pids_limit:
+            _write(self._v1_dir("pids", "pids.max") / "pids.max", _max(res.pids_limit))
+        if res.cpuset_cpus or res.cpuset_mems:
+            d = self._v1_dir("cpuset", "cpuset")
+            if res.cpuset_cpus:
+                _write(d / "cpuset.cpus", res.cpuset_cpus)
+            if res.cpuset_mems:
+                _write(d / "cpuset.mems", res.cpuset_mems)
+        if res.hugepage_limits:
+            d = self._v1_dir("hugetlb", "hugepage limits")
+            for size, limit in res.hugepage_limits.items():
+                _write(d / f"hugetlb.{size}.limit_in_bytes", str(limit))
+
+    @staticmethod
+    def _memory_v1(d: Path, res: Resources) -> None:
+        memory, swap = res.memory_limit, res.memory_swap_limit
+        memsw = d / "memory.memsw.limit_in_bytes"
+        has_memsw = memsw.exists()
+        if memory == -1 and swap == 0 and has_memsw:
+            swap = -1  # unlimited memory means unlimited memory+swap (runc)
+        if not has_memsw:
+            swap = 0  # no swap accounting in this kernel: nothing to limit
+        # memory.limit_in_bytes <= memory.memsw.limit_in_bytes at every moment: when the
+        # new memory+swap limit is above the current memory limit, it goes first.
+        swap_first = False
+        if memory and swap:
+            try:
+                current = int(_read(d / "memory.limit_in_bytes").strip())
+            except ValueError:
+                current = -1
+            swap_first = swap == -1 or (current >= 0 and current < swap)
+        if swap_first:
+            _write(memsw, str(swap))
+        if memory:
+            _write(d / "memory.limit_in_bytes", str(memory))
+        if swap and not swap_first:
+            _write(memsw, str(swap))
+
+    def _apply_v2(self, res: Resources) -> None:
+        d = self.layout.unified
+        assert d is not None
+        d = d / self._rel
+        if res.cpu_quota or res.cpu_period:
+            value = str(res.cpu_quota) if res.cpu_quota > 0 else "max"
+            if res.cpu_period:
+                value += f" {res.cpu_period}"
+            _write(d / "cpu.max", value)
+        if res.cpu_shares:
+            _write(d / "cpu.weight", str(cpu_weight(res.cpu_shares)))
+        if res.memory_limit or res.memory_swap_limit:
+            swap = memory_swap_v2(res.memory_swap_limit, res.memory_limit)
+            if swap:
+                value = _max(swap)
+                target = d / "memory.swap.max"
+                try:
+                    _write(target, value)
+                except _WriteError as e:
+                    # No swap accounting: "max" or "0" then ask for nothing (runc).
+                    if not (e.errno == errno.ENOENT and value in ("max", "0")):
+                        raise
+            if res.memory_limit:
+                _write(d / "memory.max", _max(res.memory_limit))
+        if res.pids_limit:
+            _write(d / "pids.max", _max(res.pids_limit))
+        if res.cpuset_cpus:
+            _write(d / "cpuset.cpus", res.cpuset_cpus)
+        if res.cpuset_mems:
+            _write(d / "cpuset.mems", res.cpuset_mems)
+        for size, limit in res.hugepage_limits.items():
+            _write(d / f"hugetlb.{size}.max", str(limit))
+        for key, value in res.unified.items():
+            _write(d / key, value)
+
+    # -- remove ---------------------------------------------------------------------------
+
+    def remove(self, created: Sequence[Path]) -> None:
+        """Remove the directories in ``created`` (as :meth:`create` returned), deepest first.
+
+        Kills nothing: a directory that still holds processes (or child cgroups) stays, and
+        FailedPrecondition names it, after every other directory was tried. Missing is fine.
+        """
+        failures: list[str] = []
+        for directory in sorted(created, key=lambda p: len(p.parts), reverse=True):
+            problem = self._rmdir(directory)
+            if problem:
+                failures.append(problem)
+        if failures:
+            raise FailedPrecondition("pod cgroup not removed: " + "; ".join(failures))
+
+    def _rmdir(self, directory: Path) -> str | None:
+        delay = self.RMDIR_DELAY
+        for attempt in range(self.RMDIR_TRIES):
+            pids = _read(directory / "cgroup.procs", missing="").split()
+            if pids:
+                return f"{directory} still holds processes {', '.join(pids[:5])}"
+            try:
+                os.rmdir(directory)
+                return None
+            except FileNotFoundError:
+                return None
+            except OSError as e:
+                if e.errno != errno.EBUSY or attempt == self.RMDIR_TRIES - 1:
+                    return f"{directory}: {e.strerror}"
+            time.sleep(delay)
+            delay *= 2
+        return f"{directory}: busy"
+
+
+# -- file helpers -----------------------------------------------------------------------------
+
+
+class _WriteError(FailedPrecondition):
+    def __init__(self, message: str, errno_: int | None) -> None:
+        super().__init__(message)
+        self.errno = errno_
+
+
+def _read(path: Path, missing: str = "") -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return missing
+    except OSError as e:
+        raise FailedPrecondition(f"read {path}: {e.strerror}") from None
+
+
+def _write(path: Path, value: str) -> None:
+    """Write one cgroup file (no O_CREAT: the kernel makes the files, a missing one is an
+    unsupported setting)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
+    except OSError as e:
+        raise _WriteError(f"write {value!r} to {path}: {e.strerror}", e.errno) from None
+    try:
+        os.write(fd, value.encode())
+    except OSError as e:
+        raise _WriteError(f"write {value!r} to {path}: {e.strerror}", e.errno) from None
+    finally:
+        os.close(fd)

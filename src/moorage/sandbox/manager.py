@@ -1,0 +1,379 @@
+"""Pod sandbox lifecycle: RunPodSandbox, StopPodSandbox, RemovePodSandbox, status and lists.
+
+A sandbox is built step by step (pod cgroup, pinned namespaces, network, pod files, infra
+process). Each step records what it made before the next begins, so any failure undoes
+every earlier step, and a daemon killed at any point leaves a record that the next start
+finds and cleans (``State.CREATING``), or reconciles (a ready pod whose namespaces or infra
+process vanished, e.g. after a reboot, becomes not ready and is torn down).
+
+Reads are served from memory; each sandbox's mutations are serialised by its own lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from moorage import log
+from moorage.errors import AlreadyExists, InvalidArgument, MoorageError, NotFound
+from moorage.network.cni import AttachRequest, CNIManager
+from moorage.sandbox import cgroups, files, namespaces
+from moorage.sandbox.model import Mode, Sandbox, SandboxSpec, State
+from moorage.state import records
+from moorage.util.fs import remove_tree
+
+_log = log.get("moorage.sandbox")
+KIND = "sandbox"
+
+
+@dataclass(frozen=True)
+class SandboxFilter:
+    id: str = ""
+    state: State | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Paths:
+    records: Path  # <root>/sandboxes
+    run: Path  # <runroot>/sandboxes
+    ns: Path  # <runroot>/ns
+
+
+class SandboxManager:
+    def __init__(
+        self,
+        paths: Paths,
+        cni: CNIManager,
+        layout: cgroups.Layout,
+        *,
+        cgroup_driver: str,
+        handlers: Iterable[str],
+        default_handler: str,
+        infra_command: list[str],
+    ) -> None:
+        self.paths = paths
+        self.cni = cni
+        self.layout = layout
+        self.cgroup_driver = cgroup_driver
+        self.handlers = set(handlers)
+        self.default_handler = default_handler
+        self.infra_command = infra_command
+        self._sandboxes: dict[str, Sandbox] = {}
+        self._by_key: dict[str, str] = {}
+        self._building: dict[str, asyncio.Task[Sandbox]] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        #: Called with a sandbox id when it stops or is removed (containers hook in here).
+        self.on_stop: list[Callable[[str], Awaitable[None]]] = []
+
+    # -- reads ---------------------------------------------------------------------------
+
+    def get(self, id_or_prefix: str) -> Sandbox:
+        if not id_or_prefix:
+            raise InvalidArgument("pod_sandbox_id: an id is required")
+        sb = self._sandboxes.get(id_or_prefix)
+        if sb is not None and sb.state != State.CREATING:
+            return sb
+        matches = [s for i, s in self._sandboxes.items()
+                   if i.startswith(id_or_prefix) and s.state != State.CREATING]
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise InvalidArgument(f"pod_sandbox_id: prefix {id_or_prefix!r} is ambiguous")
+        raise NotFound(f"pod sandbox {id_or_prefix!r} not found")
+
+    def find(self, id_or_prefix: str) -> Sandbox | None:
+        try:
+            return self.get(id_or_prefix)
+        except NotFound:
+            return None
+
+    def list(self, flt: SandboxFilter | None = None) -> list[Sandbox]:
+        out = []
+        for sb in self._sandboxes.values():
+            if sb.state == State.CREATING:
+                continue
+            if flt is not None:
+                if flt.id and not sb.id.startswith(flt.id):
+                    continue
+                if flt.state is not None and sb.state != flt.state:
+                    continue
+                if any(sb.spec.labels.get(k) != v for k, v in flt.labels.items()):
+                    continue
+            out.append(sb)
+        return out
+
+    def pinned(self, sb: Sandbox) -> namespaces.PinnedNamespaces:
+        """The pinned namespace paths of a sandbox (deterministic from its id and spec)."""
+        spec = sb.spec
+
+        def path(kind: str, wanted: bool) -> str | None:
+            return str(self.paths.ns / kind / sb.id) if wanted else None
+
+        return namespaces.PinnedNamespaces(
+            net=path("net", not spec.host_network),
+            ipc=path("ipc", spec.ipc != Mode.NODE),
+            uts=path("uts", not spec.host_network),
+        )
+
+    def _lock(self, sandbox_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(sandbox_id, asyncio.Lock())
+
+    def _save(self, sb: Sandbox) -> Awaitable[None]:
+        return asyncio.to_thread(
+            records.write, self.paths.records / f"{sb.id}.json", KIND, sb.record()
+        )
+
+    # -- RunPodSandbox -------------------------------------------------------------------
+
+    def validate(self, spec: SandboxSpec) -> str:
+        """Check a request before anything is built; returns the runtime handler."""
+        for name, value in (("config.metadata.name", spec.name),
+                            ("config.metadata.namespace", spec.namespace),
+                            ("config.metadata.uid", spec.uid)):
+            if not value:
+                raise InvalidArgument(f"{name} is required")
+        if spec.attempt < 0:
+            raise InvalidArgument("config.metadata.attempt must not be negative")
+        handler = spec.runtime_handler or self.default_handler
+        if handler not in self.handlers:
+            raise InvalidArgument(
+                f"runtime_handler {handler!r} is not configured "
+                f"(configured: {', '.join(sorted(self.handlers))})"
+            )
+        if spec.network not in (Mode.POD, Mode.NODE):
+            raise InvalidArgument("config.linux.security_context.namespace_options.network "
+                                  "must be POD or NODE for a sandbox")
+        if spec.ipc not in (Mode.POD, Mode.NODE):
+            raise InvalidArgument("config.linux.security_context.namespace_options.ipc "
+                                  "must be POD or NODE for a sandbox")
+        if spec.pid == Mode.TARGET:
+            raise InvalidArgument("config.linux.security_context.namespace_options.pid: "
+                                  "TARGET is only valid for containers")
+        if spec.hostname and not spec.host_network:
+            files.validate_hostname(spec.hostname)
+        files.validate_dns(spec.dns)
+        namespaces.validate_sysctls(spec.sysctls, host_network=spec.host_network,
+                                    host_ipc=spec.ipc == Mode.NODE)
+        cgroups.pod_cgroup_path(spec.cgroup_parent, self.cgroup_driver)  # type: ignore[arg-type]
+        for pm in spec.port_mappings:
+            if not 0 <= pm.host_port <= 65535 or not 0 < pm.container_port <= 65535:
+                raise InvalidArgument(f"config.port_mappings: port out of range in {pm}")
+            if pm.protocol not in ("tcp", "udp", "sctp"):
+                raise InvalidArgument(f"config.port_mappings: unknown protocol {pm.protocol!r}")
+        files.shm_size(spec.annotations)
+        return handler
+
+    async def run(self, spec: SandboxSpec) -> Sandbox:
+        handler = self.validate(spec)
+        building = self._building.get(spec.key)
+        if building is not None:
+            # kubelet retried while the first call is still building: same answer.
+            return await asyncio.shield(building)
+        existing_id = self._by_key.get(spec.key)
+        if existing_id is not None:
+            existing = self._sandboxes[existing_id]
+            if not existing.delivered:
+                existing.delivered = True
+                return existing
+            raise AlreadyExists(
+                f"pod sandbox {spec.name!r} in namespace {spec.namespace!r} (uid {spec.uid}, "
+                f"attempt {spec.attempt}) already exists as {existing_id}"
+            )
+        sb = Sandbox(id=secrets.token_hex(32), spec=spec, created_at=time.time_ns(),
+                     runtime_handler=handler)
+        task = asyncio.get_running_loop().create_task(self._build(sb))
+        self._building[spec.key] = task
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            # The caller went away (kubelet's deadline); the build goes on for its retry.
+            sb.delivered = False
+            raise
+
+    async def _build(self, sb: Sandbox) -> Sandbox:
+        spec = sb.spec
+        log_ = _log.bind(pod_sandbox_id=sb.id, name=spec.name, namespace=spec.namespace)
+        self._sandboxes[sb.id] = sb
+        self._by_key[spec.key] = sb.id
+        try:
+            async with self._lock(sb.id):
+                await self._save(sb)
+                try:
+                    await self._create(sb)
+                except BaseException as e:
+                    log_.warning("sandbox.create_failed",
+                                 error=e.message if isinstance(e, MoorageError) else repr(e))
+                    await asyncio.shield(self._teardown(sb, remove=True))
+                    raise
+            log_.info("sandbox.ready", ips=sb.ips)
+            return sb
+        finally:
+            self._building.pop(spec.key, None)
+
+    async def _create(self, sb: Sandbox) -> None:
+        spec = sb.spec
+        run_dir = self.paths.run / sb.id
+        sb.files_dir = str(run_dir)
+        if spec.log_directory:
+            await asyncio.to_thread(Path(spec.log_directory).mkdir, parents=True,
+                                    exist_ok=True, mode=0o755)
+        # 1. The pod cgroup (kubelet usually made it; we create what is missing).
+        sb.cgroup_path = cgroups.pod_cgroup_path(spec.cgroup_parent,
+                                                 self.cgroup_driver)  # type: ignore[arg-type]
+        pod_cgroup = cgroups.PodCgroup(self.layout, sb.cgroup_path)
+        sb.cgroup_created = [str(p) for p in await asyncio.to_thread(pod_cgroup.create)]
+        await self._save(sb)
+        if spec.resources is not None:
+            await asyncio.to_thread(pod_cgroup.apply, spec.resources)
+        # 2. Namespaces, created by the pinns helper with hostname and sysctls applied.
+        want = self.pinned(sb)
+        await namespaces.pin(
+            self.paths.ns, sb.id, net=want.net is not None, ipc=want.ipc is not None,
+            uts=want.uts is not None, hostname=spec.hostname if want.uts else "",
+            sysctls=spec.sysctls,
+        )
+        # 3. /dev/shm for the pod's IPC namespace.
+        if spec.ipc != Mode.NODE:
+            shm = run_dir / "shm"
+            sb.shm_path = str(shm)
+            await asyncio.to_thread(files.mount_shm, shm, files.shm_size(spec.annotations))
+        # 4. The network.
+        if not spec.host_network:
+            assert want.net is not None
+            sb.network_attached = True  # a DEL is owed from here on, whatever ADD does
+            result = await self.cni.attach(AttachRequest(
+                sandbox_id=sb.id, netns_path=want.net, pod_namespace=spec.namespace,
+                pod_name=spec.name, pod_uid=spec.uid, port_mappings=spec.port_mappings,
+                bandwidth=spec.bandwidth, cgroup_parent=sb.cgroup_path,
+            ))
+            sb.ips = list(result.ips)
+        # 5. hostname, hosts, resolv.conf.
+        hostname = spec.hostname or (await asyncio.to_thread(_host_hostname))
+        resolv = await asyncio.to_thread(files.resolv_conf, spec.dns)
+        hosts = await asyncio.to_thread(files.hosts_file, hostname, sb.ips, spec.host_network)
+        await asyncio.to_thread(files.write_pod_files, run_dir, hostname=hostname,
+                                resolv=resolv, hosts=hosts)
+        # 6. The infra process, only where containers share the pod's PID namespace.
+        if spec.pid == Mode.POD:
+            sb.infra_pid = await namespaces.start_infra(
+                want, pod_cgroup.procs_files(), self.infra_command
+            )
+            sb.infra_start_time = namespaces.process_start_time(sb.infra_pid)
+            await self._save(sb)
+        sb.state = State.READY
+        await self._save(sb)
+
+    # -- StopPodSandbox / RemovePodSandbox ----------------------------------------------
+
+    async def stop(self, id_or_prefix: str) -> None:
+        sb = self.find(id_or_prefix)
+        if sb is None:
+            return  # idempotent: kubelet calls it again and again
+        async with self._lock(sb.id):
+            await self._teardown(sb, remove=False)
+
+    async def remove(self, id_or_prefix: str) -> None:
+        sb = self.find(id_or_prefix)
+        if sb is None:
+            return
+        async with self._lock(sb.id):
+            if sb.id not in self._sandboxes:
+                return
+            await self._teardown(sb, remove=True)
+
+    async def _teardown(self, sb: Sandbox, *, remove: bool) -> None:
+        """Undo whatever exists of ``sb``; every step is idempotent and failure-tolerant."""
+        log_ = _log.bind(pod_sandbox_id=sb.id)
+        for hook in self.on_stop:
+            await hook(sb.id)
+        if sb.infra_pid is not None:
+            await namespaces.stop_infra(sb.infra_pid, sb.infra_start_time)
+            sb.infra_pid = sb.infra_start_time = None
+        pinned = self.pinned(sb)
+        if sb.network_attached:
+            try:
+                await self.cni.detach(sb.id, pinned.net)
+                sb.network_attached = False
+            except MoorageError as e:
+                # Retried on the next stop or remove; a pod is never left unremovable.
+                log_.warning("sandbox.network_teardown_failed", error=e.message,
+                             will_retry=not remove)
+                if remove:
+                    sb.network_attached = False
+        if sb.shm_path:
+            await asyncio.to_thread(files.unmount, Path(sb.shm_path))
+        await namespaces.unpin(pinned)
+        if not remove:
+            if sb.state != State.NOTREADY:
+                sb.state = State.NOTREADY
+                log_.info("sandbox.stopped")
+            await self._save(sb)
+            return
+        if sb.cgroup_created:
+            pod_cgroup = cgroups.PodCgroup(self.layout, sb.cgroup_path)
+            try:
+                await asyncio.to_thread(pod_cgroup.remove, [Path(p) for p in sb.cgroup_created])
+            except MoorageError as e:
+                log_.warning("sandbox.cgroup_remove_failed", error=e.message)
+        if sb.files_dir:
+            await asyncio.to_thread(remove_tree, Path(sb.files_dir))
+        await asyncio.to_thread(
+            (self.paths.records / f"{sb.id}.json").unlink, missing_ok=True
+        )
+        self._sandboxes.pop(sb.id, None)
+        if self._by_key.get(sb.spec.key) == sb.id:
+            del self._by_key[sb.spec.key]
+        self._locks.pop(sb.id, None)
+        log_.info("sandbox.removed")
+
+    # -- restart recovery ----------------------------------------------------------------
+
+    async def recover(self) -> None:
+        """Load every record; clean half-built sandboxes; reconcile ready ones with reality."""
+        for d in (self.paths.records, self.paths.run, self.paths.ns):
+            await asyncio.to_thread(d.mkdir, parents=True, exist_ok=True, mode=0o711)
+        loaded = await asyncio.to_thread(lambda: list(records.load_all(self.paths.records, KIND)))
+        for path, rec in loaded:
+            if isinstance(rec, records.RecordError):
+                _log.warning("sandbox.record_dropped", path=str(path), reason=str(rec))
+                await asyncio.to_thread(path.unlink, missing_ok=True)
+                continue
+            try:
+                sb = Sandbox.from_record(rec)
+            except (KeyError, TypeError, ValueError) as e:
+                _log.warning("sandbox.record_dropped", path=str(path), reason=repr(e))
+                await asyncio.to_thread(path.unlink, missing_ok=True)
+                continue
+            self._sandboxes[sb.id] = sb
+            self._by_key[sb.spec.key] = sb.id
+            if sb.state == State.CREATING:
+                _log.info("sandbox.recover_cleanup", pod_sandbox_id=sb.id, reason="half built")
+                sb.network_attached = not sb.spec.host_network
+                await self._teardown(sb, remove=True)
+            elif sb.state == State.READY and not self._intact(sb):
+                _log.info("sandbox.recover_notready", pod_sandbox_id=sb.id,
+                          reason="namespaces or infra process gone")
+                await self._teardown(sb, remove=False)
+
+    def _intact(self, sb: Sandbox) -> bool:
+        pinned = self.pinned(sb)
+        for path in (pinned.net, pinned.ipc, pinned.uts):
+            if path is not None and not namespaces.is_pinned(path):
+                return False
+        if sb.infra_pid is not None and (
+            namespaces.process_start_time(sb.infra_pid) != sb.infra_start_time
+        ):
+            sb.infra_pid = sb.infra_start_time = None
+            return False
+        return True
+
+
+def _host_hostname() -> str:
+    import socket
+
+    return socket.gethostname()

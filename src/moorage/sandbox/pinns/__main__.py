@@ -1,0 +1,390 @@
+"""``python -m moorage.sandbox.pinns``: create and pin a pod's namespaces, or start its infra.
+
+See the package docstring for both commands and their output contract. Only the standard
+library is imported (and only what is needed): the helper runs once per pod and must start
+fast. Each step that changes the machine is undone when a later step fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import signal
+import sys
+
+from moorage.sandbox.pinns import (
+    NAMESPACE_TYPES,
+    hostname_problem,
+    id_problem,
+    sysctl_namespace,
+    sysctl_problem,
+)
+
+TYPE_CHECKING = False  # mypy takes it as true; importing typing would cost milliseconds
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from typing import Any
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # the machine failed
+EXIT_REFUSED = 2  # the request was refused
+
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWNET = 0x40000000
+CLONE_NEWPID = 0x20000000
+_CLONE_FLAGS = {"net": CLONE_NEWNET, "ipc": CLONE_NEWIPC, "uts": CLONE_NEWUTS}
+
+_MS_BIND = 4096
+_MNT_DETACH = 2
+_PR_SET_PDEATHSIG = 1
+_EINVAL = 22
+_ENOENT = 2
+
+_PIN_DIR_MODE = 0o700
+_PIN_FILE_MODE = 0o600
+#: The infra process gets this environment, not the daemon's.
+_INFRA_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+
+
+class Refused(Exception):
+    """The request cannot be done as asked (exit 2), as opposed to a failing machine."""
+
+
+class _Libc:
+    """The few libc calls that Python 3.11's ``os`` lacks."""
+
+    def __init__(self) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        self._unshare = libc.unshare
+        self._unshare.argtypes = [ctypes.c_int]
+        self._setns = libc.setns
+        self._setns.argtypes = [ctypes.c_int, ctypes.c_int]
+        self._sethostname = libc.sethostname
+        self._sethostname.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
+        self._mount = libc.mount
+        self._mount.argtypes = [
+            ctypes.c_char_p,
+            ctypes.c_char_p,
+            ctypes.c_char_p,
+            ctypes.c_ulong,
+            ctypes.c_void_p,
+        ]
+        self._umount2 = libc.umount2
+        self._umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+        self._prctl = libc.prctl
+        self._prctl.argtypes = [ctypes.c_int, ctypes.c_ulong]
+
+    @staticmethod
+    def _check(result: int, what: str) -> None:
+        if result != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"{what}: {os.strerror(err)}")
+
+    def unshare(self, flags: int, what: str) -> None:
+        self._check(self._unshare(flags), f"unshare({what})")
+
+    def setns(self, fd: int, nstype: int, what: str) -> None:
+        self._check(self._setns(fd, nstype), f"setns({what})")
+
+    def sethostname(self, name: bytes) -> None:
+        self._check(self._sethostname(name, len(name)), "sethostname")
+
+    def bind_mount(self, src: str, dst: str) -> None:
+        self._check(
+            self._mount(os.fsencode(src), os.fsencode(dst), None, _MS_BIND, None),
+            f"bind mount {src} on {dst}",
+        )
+
+    def detach(self, path: str) -> bool:
+        """Lazily unmount ``path``; False once nothing is mounted there."""
+        if self._umount2(os.fsencode(path), _MNT_DETACH) == 0:
+            return True
+        err = ctypes.get_errno()
+        if err in (_EINVAL, _ENOENT):
+            return False
+        raise OSError(err, f"umount {path}: {os.strerror(err)}")
+
+    def set_pdeathsig(self, sig: int) -> None:
+        self._check(self._prctl(_PR_SET_PDEATHSIG, sig), "prctl(PR_SET_PDEATHSIG)")
+
+
+# -- pin -------------------------------------------------------------------------------------
+
+
+class _PinArgs(argparse.Namespace):
+    dir: str
+    id: str
+    net: bool
+    ipc: bool
+    uts: bool
+    hostname: str
+    sysctl: list[str]
+
+
+def _parse_pin_args(argv: Sequence[str]) -> _PinArgs:
+    parser = argparse.ArgumentParser(
+        prog="python -m moorage.sandbox.pinns",
+        description="Create namespaces and pin them by bind mounts at DIR/<type>/ID.",
+    )
+    parser.add_argument("--dir", required=True, help="pin directory (absolute)")
+    parser.add_argument("--id", required=True, help="sandbox id: the pins' file name")
+    parser.add_argument("--net", action="store_true", help="a new network namespace")
+    parser.add_argument("--ipc", action="store_true", help="a new IPC namespace")
+    parser.add_argument("--uts", action="store_true", help="a new UTS namespace")
+    parser.add_argument("--hostname", default="", help="hostname in the new UTS namespace")
+    parser.add_argument(
+        "--sysctl", action="append", default=[], metavar="KEY=VALUE", help="namespaced sysctl"
+    )
+    return parser.parse_args(argv, namespace=_PinArgs())
+
+
+def _pin_sysctls(args: _PinArgs) -> list[tuple[str, str]]:
+    """Parse and check every ``--sysctl``: only those of a namespace being created."""
+    out: list[tuple[str, str]] = []
+    for item in args.sysctl:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise Refused(f"sysctl {item!r} is not KEY=VALUE")
+        problem = sysctl_problem(key, value)
+        if problem:
+            raise Refused(problem)
+        ns = sysctl_namespace(key)
+        if ns is None:
+            raise Refused(
+                f"sysctl {key!r} is not namespaced (allowed: net.*, kernel.shm*, kernel.msg*, "
+                "kernel.sem, fs.mqueue.*)"
+            )
+        if not getattr(args, ns):
+            raise Refused(f"sysctl {key!r} needs a new {ns} namespace (--{ns})")
+        out.append((key, value))
+    return out
+
+
+def _write_sysctl(key: str, value: str) -> None:
+    """Write one sysctl from inside the new namespaces (so the value lands in them)."""
+    path = "/proc/sys/" + key.replace(".", "/")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise Refused(f"sysctl {key!r} does not exist in the pod's namespaces") from None
+    except PermissionError:
+        raise Refused(f"sysctl {key!r} is read-only") from None
+    try:
+        data = value.encode()
+        try:
+            written = os.write(fd, data)
+        except OSError as e:
+            raise Refused(f"sysctl {key!r}: the kernel refused {value!r}: {e.strerror}") from None
+        if written != len(data):
+            raise Refused(f"sysctl {key!r}: the kernel took {written} of {len(data)} bytes")
+    finally:
+        os.close(fd)
+
+
+def _pin(libc: _Libc, args: _PinArgs, made: list[str]) -> dict[str, str]:
+    """The pin command; every pin file it creates is appended to ``made`` before use."""
+    problem = id_problem(args.id) or hostname_problem(args.hostname)
+    if problem:
+        raise Refused(problem)
+    if not os.path.isabs(args.dir):
+        raise Refused(f"pin directory {args.dir!r} is not absolute")
+    types = [t for t in NAMESPACE_TYPES if getattr(args, t)]
+    if not types:
+        raise Refused("no namespace asked for (--net, --ipc, --uts)")
+    if args.hostname and not args.uts:
+        raise Refused("--hostname needs a new UTS namespace (--uts)")
+    sysctls = _pin_sysctls(args)
+
+    flags = 0
+    for t in types:
+        flags |= _CLONE_FLAGS[t]
+    # This process is single-threaded: unshare() moves the whole process.
+    libc.unshare(flags, "+".join(types))
+    if args.hostname:
+        libc.sethostname(args.hostname.encode("utf-8", "surrogateescape"))
+    for key, value in sysctls:
+        _write_sysctl(key, value)
+
+    pins: dict[str, str] = {}
+    for t in types:
+        type_dir = os.path.join(args.dir, t)
+        os.makedirs(type_dir, mode=_PIN_DIR_MODE, exist_ok=True)
+        path = os.path.join(type_dir, args.id)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, _PIN_FILE_MODE)
+        except FileExistsError:
+            raise OSError(f"pin {path} already exists") from None
+        os.close(fd)
+        made.append(path)
+        libc.bind_mount(f"/proc/thread-self/ns/{t}", path)
+        pins[t] = path
+    return pins
+
+
+def _undo_pins(libc: _Libc, made: Sequence[str]) -> None:
+    for path in reversed(made):
+        try:
+            for _ in range(8):  # a pin mounted twice needs two unmounts
+                if not libc.detach(path):
+                    break
+            os.unlink(path)
+        except OSError as e:
+            sys.stderr.write(f"pinns: cannot undo pin {path}: {e}\n")
+
+
+# -- infra -----------------------------------------------------------------------------------
+
+
+class _InfraArgs(argparse.Namespace):
+    net_ns: str | None
+    ipc_ns: str | None
+    uts_ns: str | None
+    cgroup_procs: list[str]
+
+
+def _parse_infra_args(argv: Sequence[str]) -> tuple[_InfraArgs, list[str]]:
+    """Options, then ``--``, then the command (so that its arguments need no quoting)."""
+    argv = list(argv)
+    if "--" not in argv:
+        raise Refused("infra: no command (give it after '--')")
+    cut = argv.index("--")
+    options, command = argv[:cut], argv[cut + 1 :]
+    parser = argparse.ArgumentParser(
+        prog="python -m moorage.sandbox.pinns infra",
+        description="Start a pod's infra process as PID 1 of a new PID namespace.",
+    )
+    parser.add_argument("--net-ns", help="network namespace to join")
+    parser.add_argument("--ipc-ns", help="IPC namespace to join")
+    parser.add_argument("--uts-ns", help="UTS namespace to join")
+    parser.add_argument(
+        "--cgroup-procs", action="append", default=[], metavar="FILE", help="cgroup.procs to join"
+    )
+    return parser.parse_args(options, namespace=_InfraArgs()), command
+
+
+def _become_infra(libc: _Libc, cgroup_procs: Sequence[str], command: Sequence[str], w: int) -> None:
+    """In the forked child (PID 1 of the new PID namespace): set up, then exec ``command``."""
+    os.setsid()
+    libc.set_pdeathsig(0)  # must outlive the helper and the daemon
+    for procs in cgroup_procs:
+        try:
+            fd = os.open(procs, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.write(fd, b"0")  # "0" is the writing process itself
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise OSError(e.errno, f"cannot join cgroup {procs}: {e.strerror}") from None
+    null = os.open("/dev/null", os.O_RDWR)
+    for std in (0, 1, 2):
+        os.dup2(null, std)  # the daemon's pipes must not stay open in the infra process
+    os.closerange(3, w)
+    os.closerange(w + 1, os.sysconf("SC_OPEN_MAX"))
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ):  # Python ignores them; exec would keep that
+        signal.signal(sig, signal.SIG_DFL)
+    os.chdir("/")
+    try:
+        os.execve(command[0], list(command), _INFRA_ENV)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot exec {command[0]}: {e.strerror}") from None
+
+
+def _infra(libc: _Libc, args: _InfraArgs, command: list[str]) -> dict[str, Any]:
+    if not command or not os.path.isabs(command[0]):
+        raise Refused(f"infra command {command!r} must start with an absolute path")
+    for nstype, path in (("uts", args.uts_ns), ("ipc", args.ipc_ns), ("net", args.net_ns)):
+        if path is None:
+            continue
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            libc.setns(fd, _CLONE_FLAGS[nstype], f"{nstype} namespace {path}")
+        finally:
+            os.close(fd)
+    libc.unshare(CLONE_NEWPID, "pid")  # only the next child enters the new PID namespace
+    r, w = os.pipe()  # close-on-exec: EOF means the exec happened
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (the child either execs or reports and exits)
+        try:
+            os.close(r)
+            _become_infra(libc, args.cgroup_procs, command, w)
+        except BaseException as e:
+            message = _message(e) if isinstance(e, OSError) else repr(e)
+            try:
+                os.write(w, message.encode("utf-8", "replace")[:4000])
+            finally:
+                os._exit(127)
+        os._exit(127)
+    os.close(w)
+    chunks = []
+    while chunk := os.read(r, 4096):
+        chunks.append(chunk)
+    os.close(r)
+    if chunks:
+        os.waitpid(pid, 0)
+        raise OSError(f"infra process: {b''.join(chunks).decode('utf-8', 'replace')}")
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+        raise OSError(f"infra process {command[0]} exited at once ({_describe(status)})")
+    return {"pid": pid, "pid_ns": f"/proc/{pid}/ns/pid"}
+
+
+def _describe(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by signal {os.WTERMSIG(status)}"
+    return f"exit status {os.waitstatus_to_exitcode(status)}"
+
+
+# -- main ------------------------------------------------------------------------------------
+
+
+def _message(e: OSError) -> str:
+    """``strerror: file`` or our own message, without the ``[Errno n]`` prefix."""
+    if e.strerror and e.filename is not None:
+        return f"{e.strerror}: {e.filename}"
+    return e.strerror or str(e)
+
+
+def _emit(payload: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(payload) + "\n")
+    sys.stdout.flush()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    made: list[str] = []
+    libc: _Libc | None = None
+    try:
+        libc = _Libc()
+        # Dying with the daemon: a half-done pin is found by the next start from its path.
+        libc.set_pdeathsig(signal.SIGKILL)
+        if argv[:1] == ["infra"]:
+            infra_args, command = _parse_infra_args(argv[1:])
+            answer = _infra(libc, infra_args, command)
+        else:
+            answer = _pin(libc, _parse_pin_args(argv), made)
+    except Refused as e:
+        code, payload = EXIT_REFUSED, {"error": str(e)}
+    except OSError as e:
+        code, payload = EXIT_FAILED, {"error": _message(e)}
+    except Exception as e:
+        import traceback
+
+        traceback.print_exc()
+        code, payload = EXIT_FAILED, {"error": f"internal error: {type(e).__name__}: {e}"}
+    else:
+        _emit(answer)
+        return EXIT_OK
+    if made and libc is not None:
+        _undo_pins(libc, made)
+    _emit(payload)
+    return code
+
+
+if __name__ == "__main__":
+    status = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)  # skip the interpreter's teardown: nothing is left to clean
