@@ -108,7 +108,7 @@ class Daemon:
         )
         containers_dir = cfg.root / "containers"
         if cfg.runtime.cgroup_manager == "systemd" and not Path("/run/systemd/system").is_dir():
-            raise StartError("runtime.cgroup_manager = \"systemd\" needs systemd as the init "
+            raise StartError('runtime.cgroup_manager = "systemd" needs systemd as the init '
                              "system; this host has none: use cgroupfs")
         self.cni = CNIManager(cfg.network.cni_config_dir, cfg.network.cni_plugin_dirs,
                               cfg.root / "network" / "cni-cache", cfg.network.cni_default_network)

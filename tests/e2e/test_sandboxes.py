@@ -214,7 +214,7 @@ def test_pod_lifecycle_and_status(daemon: Daemon, node_ns: str, tmp_path: Path) 
     assert [i.id for i in daemon.runtime.ListPodSandbox(
         pb.ListPodSandboxRequest(filter=flt)).items] == [other]
     streamed = {i.id for r in daemon.runtime.StreamPodSandboxes(pb.StreamPodSandboxesRequest())
-                for i in r.items}
+                for i in r.pod_sandboxes}
     assert streamed == ids
     # Stop: not ready, no IP, namespaces unpinned; idempotent.
     for _ in range(2):

@@ -25,7 +25,6 @@ from typing import Any
 from moorage import errors, log
 from moorage.network.config import (
     ConfigError,
-    DirScan,
     NetworkConfigList,
     Snapshot,
     at_least,
@@ -115,7 +114,6 @@ class CNIManager:
         #: configs such as flannel's, calico's or kindnet's leave it to the runtime).
         self.loopback = loopback
         self._snapshot: Snapshot = _UNSCANNED
-        self._scan = DirScan(self.conf_dir, exists=False)
         self._default: NetworkConfigList | None = None
         self._not_ready = f"CNI config dir {self.conf_dir} not read yet"
         self._pod_cidr = ""
@@ -136,7 +134,7 @@ class CNIManager:
             and self._default is not None
             and (net.source, net.document) != (self._default.source, self._default.document)
         )
-        self._scan, self._default, self._not_ready = result, net, message
+        self._default, self._not_ready = net, message
         for name, why in result.refused:
             _log.warning("cni.config.skipped", file=name, dir=str(self.conf_dir), reason=why)
         if changed and net is not None:
@@ -321,8 +319,9 @@ class CNIManager:
         net: NetworkConfigList,
         inv: Invocation,
         result: dict[str, Any] | None,
+        pod: Mapping[str, str],
     ) -> None:
-        record = self._record(net, inv, STATE_ADDING, result)
+        record = self._record(net, inv, STATE_ADDING, result, pod)
         try:
             await self._write(sandbox_id, record)
         except CNIError as e:
@@ -444,7 +443,7 @@ class CNIManager:
                     await self._remove(req.sandbox_id)
                     raise
                 # Keep the record (state "adding") so the next detach retries the DEL.
-                await self._write_quietly(req.sandbox_id, net, inv, latest)
+                await self._write_quietly(req.sandbox_id, net, inv, latest, pod)
                 if isinstance(e, CNIError):
                     raise _with_message(
                         e,

@@ -28,6 +28,7 @@ from moorage.util.fs import remove_tree
 
 _log = log.get("moorage.sandbox")
 KIND = "sandbox"
+INFRA_CGROUP = "moorage-infra"
 
 
 @dataclass(frozen=True)
@@ -223,10 +224,12 @@ class SandboxManager:
             await asyncio.to_thread(Path(spec.log_directory).mkdir, parents=True,
                                     exist_ok=True, mode=0o755)
         # 1. The pod cgroup (kubelet usually made it; we create what is missing).
-        sb.cgroup_path = cgroups.pod_cgroup_path(spec.cgroup_parent,
-                                                 self.cgroup_driver)  # type: ignore[arg-type]
+        sb.cgroup_path = self._cgroup_path(sb)
         pod_cgroup = cgroups.PodCgroup(self.layout, sb.cgroup_path)
-        sb.cgroup_created = [str(p) for p in await asyncio.to_thread(pod_cgroup.create)]
+        created = await asyncio.to_thread(pod_cgroup.create)
+        # The shared default parent (for pods that name none) outlives any one pod.
+        shared = cgroups.pod_cgroup_path("", self.cgroup_driver)  # type: ignore[arg-type]
+        sb.cgroup_created = [str(p) for p in created if not str(p).endswith(shared)]
         await self._save(sb)
         if spec.resources is not None:
             await asyncio.to_thread(pod_cgroup.apply, spec.resources)
@@ -260,13 +263,26 @@ class SandboxManager:
                                 resolv=resolv, hosts=hosts)
         # 6. The infra process, only where containers share the pod's PID namespace.
         if spec.pid == Mode.POD:
+            # In a child cgroup: on cgroup v2 a cgroup holding processes cannot enable
+            # controllers for its children (the containers' cgroups).
+            infra_cgroup = cgroups.PodCgroup(self.layout, f"{sb.cgroup_path}/{INFRA_CGROUP}")
+            sb.cgroup_created += [str(p) for p in await asyncio.to_thread(infra_cgroup.create)]
+            await self._save(sb)
             sb.infra_pid = await namespaces.start_infra(
-                want, pod_cgroup.procs_files(), self.infra_command
+                want, infra_cgroup.procs_files(), self.infra_command
             )
             sb.infra_start_time = namespaces.process_start_time(sb.infra_pid)
             await self._save(sb)
         sb.state = State.READY
         await self._save(sb)
+
+    def _cgroup_path(self, sb: Sandbox) -> str:
+        driver = self.cgroup_driver
+        if sb.spec.cgroup_parent:
+            return cgroups.pod_cgroup_path(sb.spec.cgroup_parent, driver)  # type: ignore[arg-type]
+        # No parent given (crictl, tests): a cgroup of its own under moorage's default, so
+        # one pod's limits never apply to another.
+        return cgroups.pod_cgroup_path("", driver) + f"/{sb.id[:16]}"  # type: ignore[arg-type]
 
     # -- StopPodSandbox / RemovePodSandbox ----------------------------------------------
 

@@ -178,7 +178,8 @@ class SandboxRpcs:
         flt = _filter(request.filter if request.HasField("filter") else None)
         items = [to_pod_sandbox(sb) for sb in self.sandboxes.list(flt)]
         for start in range(0, len(items), STREAM_BATCH):
-            yield pb.StreamPodSandboxesResponse(items=items[start:start + STREAM_BATCH])
+            yield pb.StreamPodSandboxesResponse(
+                pod_sandboxes=items[start:start + STREAM_BATCH])
 
 
 def _required_id(value: str) -> str:
