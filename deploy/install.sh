@@ -18,7 +18,7 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq python3 python3-venv runc conmon containernetworking-plugins \
-  catatonit >/dev/null
+  catatonit iptables iproute2 >/dev/null
 
 python3 -m venv "$prefix"
 "$prefix/bin/pip" install -q --upgrade pip
@@ -36,6 +36,12 @@ fi
 if [ ! -e /etc/containers/registries.conf ]; then
   install -d -m 0755 /etc/containers
   install -m 0644 "$here/deploy/config/registries.conf" /etc/containers/registries.conf
+fi
+
+# A bridge network for pods, as CRI-O's packages ship one, unless a CNI config exists.
+install -d -m 0755 /etc/cni/net.d
+if ! ls /etc/cni/net.d/*.conf /etc/cni/net.d/*.conflist /etc/cni/net.d/*.json >/dev/null 2>&1; then
+  install -m 0644 "$here"/deploy/config/cni/* /etc/cni/net.d/
 fi
 
 if [ -d /run/systemd/system ]; then

@@ -25,7 +25,14 @@ from typing import Any
 import pytest
 
 from moorage.network import AttachRequest, AttachResult, CNIError, CNIManager, PortMapping
-from tests.fixtures.netns import NetNS, NetNSFactory, current_netns_inode, entered, netns_available
+from tests.fixtures.netns import (
+    NetNS,
+    NetNSFactory,
+    current_netns_inode,
+    entered,
+    netns_available,
+)
+from tests.fixtures.netns import netns_factory as _netns_factory
 
 PLUGIN_DIR = Path("/usr/lib/cni")
 
@@ -182,22 +189,16 @@ def connect_from(pod: NetNS, host: str, port: int) -> str:
     return pod.run(sys.executable, "-I", "-c", ECHO_CLIENT, host, str(port)).stdout.strip()
 
 
-@pytest.fixture
-def nsf() -> Iterator[NetNSFactory]:
-    factory = NetNSFactory()
-    try:
-        yield factory
-    finally:
-        factory.close()
+netns_factory = _netns_factory  # the shared fixture, used by ``lab``
 
 
 @pytest.fixture
-def lab(tmp_path: Path, nsf: NetNSFactory) -> Iterator[Lab]:
-    host = nsf.create("mrgh")
+def lab(tmp_path: Path, netns_factory: NetNSFactory) -> Iterator[Lab]:
+    host = netns_factory.create("mrgh")
     home = current_netns_inode()
     with entered(host.path):
         assert current_netns_inode() != home
-        yield Lab(tmp_path, nsf, host)
+        yield Lab(tmp_path, netns_factory, host)
     assert current_netns_inode() == home
 
 
