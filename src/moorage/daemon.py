@@ -72,6 +72,10 @@ def _lock(runroot: Path) -> int:
     return fd
 
 
+def _systemd_is_init() -> bool:
+    return Path("/run/systemd/system").is_dir()
+
+
 class Daemon:
     def __init__(self, cfg: config.Config) -> None:
         self.cfg = cfg
@@ -107,7 +111,7 @@ class Daemon:
             max_layer_size=cfg.image.max_layer_size,
         )
         containers_dir = cfg.root / "containers"
-        if cfg.runtime.cgroup_manager == "systemd" and not Path("/run/systemd/system").is_dir():
+        if cfg.runtime.cgroup_manager == "systemd" and not _systemd_is_init():
             raise StartError('runtime.cgroup_manager = "systemd" needs systemd as the init '
                              "system; this host has none: use cgroupfs")
         self.cni = CNIManager(cfg.network.cni_config_dir, cfg.network.cni_plugin_dirs,

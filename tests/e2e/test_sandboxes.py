@@ -90,8 +90,6 @@ def cni_dir(tmp_path: Path) -> Path:
     d = tmp_path / "net.d"
     d.mkdir()
     (d / "10-bridge.conflist").write_text(json.dumps(bridge_conflist(tmp_path)))
-    (d / "99-loopback.conf").write_text(
-        json.dumps({"cniVersion": "1.0.0", "name": "lo", "type": "loopback"}))
     return d
 
 

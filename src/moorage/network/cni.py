@@ -239,7 +239,8 @@ class CNIManager:
         path = find_plugin(kind, self.plugin_dirs)
         if path is None:
             raise CNIError(
-                f'CNI plugin "{kind}" (network "{net.name}") not found in {self._dirs_text()}',
+                f'CNI plugin "{kind}" {cmd} (network "{net.name}"): plugin not found in '
+                f"{self._dirs_text()}",
                 plugin=kind,
                 command=cmd,
             )
