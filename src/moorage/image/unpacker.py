@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import moorage
 from moorage.errors import FailedPrecondition, InvalidArgument
+from moorage.util.helper import helper_env
 
 Compression = Literal["gzip", "zstd", "none"]
 
@@ -101,7 +101,7 @@ async def unpack_layer(
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             cwd="/",
-            env=_helper_env(),
+            env=helper_env(),
         )
     finally:
         os.close(blob_fd)
@@ -139,14 +139,6 @@ def _prepare(blob: Path, dest: Path) -> tuple[int, Path]:
         raise
     return fd, dest
 
-
-def _helper_env() -> dict[str, str]:
-    """The daemon's environment, with this moorage first on the helper's import path."""
-    env = dict(os.environ)
-    package_root = str(Path(moorage.__file__).resolve().parent.parent)
-    old = env.get("PYTHONPATH")
-    env["PYTHONPATH"] = f"{package_root}{os.pathsep}{old}" if old else package_root
-    return env
 
 
 def _parse_answer(blob: Path, returncode: int | None, stdout: bytes, stderr: bytes) -> UnpackResult:

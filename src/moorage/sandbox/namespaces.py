@@ -29,7 +29,6 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-import moorage
 from moorage.errors import Internal, InvalidArgument
 from moorage.sandbox.pinns import (
     hostname_problem,
@@ -37,6 +36,7 @@ from moorage.sandbox.pinns import (
     sysctl_namespace,
     sysctl_problem,
 )
+from moorage.util.helper import helper_env
 
 HELPER_MODULE = "moorage.sandbox.pinns"
 #: Exit code of the helper when it refused the request (1 is a failure of the machine).
@@ -376,7 +376,7 @@ async def _run_helper(args: Sequence[str]) -> tuple[int | None, dict[str, Any] |
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             cwd="/",
-            env=_helper_env(),
+            env=helper_env(),
         )
     except OSError as e:
         raise NamespaceError(f"cannot start the namespace helper: {e.strerror}") from None
@@ -395,14 +395,6 @@ async def _run_helper(args: Sequence[str]) -> tuple[int | None, dict[str, Any] |
             answer = json.loads(lines[-1])
     return proc.returncode, answer if isinstance(answer, dict) else None, stderr
 
-
-def _helper_env() -> dict[str, str]:
-    """The daemon's environment, with this moorage first on the helper's import path."""
-    env = dict(os.environ)
-    package_root = str(Path(moorage.__file__).resolve().parent.parent)
-    old = env.get("PYTHONPATH")
-    env["PYTHONPATH"] = f"{package_root}{os.pathsep}{old}" if old else package_root
-    return env
 
 
 def _no_answer(what: str, returncode: int | None, stderr: bytes) -> str:
