@@ -73,6 +73,15 @@ class RuntimeConfig(_Section):
         "runc",
         description="Runtime handler for pods that name none (flag --default-runtime).",
     )
+    restrict_oom_score_adj: bool = Field(
+        False,
+        description="Clamp containers' oom_score_adj to the daemon's own when it asks for "
+        "less (containerd's option; for hosts that refuse negative values).",
+    )
+    log_max_line_size: int = Field(
+        16 * 1024, ge=1024,
+        description="Container log lines longer than this are split into partial (P) lines.",
+    )
     infra_command: list[str] = Field(
         ["/usr/bin/catatonit", "-P"],
         description="The infra process of pods whose containers share a PID namespace "

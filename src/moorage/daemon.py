@@ -16,17 +16,23 @@ from typing import Any
 import grpc
 
 from moorage import __version__, config, log
+from moorage.container.manager import ContainerManager
+from moorage.container.manager import Paths as ContainerPaths
+from moorage.container.spec import SpecOptions
 from moorage.cri.v1 import api_pb2_grpc as pb_grpc
 from moorage.image import registries
 from moorage.image.pull import Puller
 from moorage.image.registry import RegistryClient
 from moorage.image.store import ImageStore
+from moorage.monitor.client import MonitorClient
 from moorage.network.cni import CNIManager
+from moorage.oci.runtime import OciRuntime
 from moorage.sandbox import cgroups
 from moorage.sandbox.manager import Paths, SandboxManager
 from moorage.server.image import ImageService
 from moorage.server.runtime import RuntimeService
 from moorage.storage import container_fs_usage
+from moorage.storage.overlay import ContainerStorage
 
 _log = log.get("moorage.daemon")
 
@@ -110,23 +116,49 @@ class Daemon:
             max_manifest_size=cfg.image.max_manifest_size,
             max_layer_size=cfg.image.max_layer_size,
         )
-        containers_dir = cfg.root / "containers"
+        overlay_dir = cfg.root / "overlay"
         if cfg.runtime.cgroup_manager == "systemd" and not _systemd_is_init():
             raise StartError('runtime.cgroup_manager = "systemd" needs systemd as the init '
                              "system; this host has none: use cgroupfs")
         self.cni = CNIManager(cfg.network.cni_config_dir, cfg.network.cni_plugin_dirs,
                               cfg.root / "network" / "cni-cache", cfg.network.cni_default_network)
+        layout = await asyncio.to_thread(cgroups.Layout.detect)
         self.sandboxes = SandboxManager(
             Paths(cfg.root / "sandboxes", cfg.runroot / "sandboxes", cfg.runroot / "ns"),
-            self.cni, await asyncio.to_thread(cgroups.Layout.detect),
+            self.cni, layout,
             cgroup_driver=cfg.runtime.cgroup_manager, handlers=list(cfg.runtimes),
             default_handler=cfg.runtime.default_runtime,
             infra_command=cfg.runtime.infra_command,
         )
+        runtimes = {
+            name: OciRuntime(name, handler.runtime_path or name, cfg.runtime_root(name))
+            for name, handler in cfg.runtimes.items()
+        }
+        self.monitor = MonitorClient(cfg.runroot)
+        await self.monitor.ensure_server()
+        default_rt = runtimes[cfg.runtime.default_runtime]
+        features = await default_rt.features()
+        memory_root = layout.v1_controllers.get("memory") if layout.version == 1 else (
+            layout.unified)
+        self.containers = ContainerManager(
+            ContainerPaths(cfg.root / "containers", cfg.runroot / "containers"),
+            images=self.store, sandboxes=self.sandboxes,
+            storage=ContainerStorage(overlay_dir), monitor=self.monitor, runtimes=runtimes,
+            spec_options=SpecOptions(
+                cgroup_driver=cfg.runtime.cgroup_manager, cgroup_v2=layout.version == 2,
+                restrict_oom_score_adj=cfg.runtime.restrict_oom_score_adj,
+                rro_supported="rro" in features.get("mountOptions", []),
+            ),
+            memory_cgroup_root=Path(memory_root) if memory_root else None,
+            log_max_line=cfg.runtime.log_max_line_size,
+        )
         await self.sandboxes.recover()
+        await self.containers.recover()
+        self.store.layers_in_use = self.containers.layers_in_use
+        await self.store.collect()
 
         async def container_fs() -> Any:
-            return await container_fs_usage(containers_dir)
+            return await container_fs_usage(overlay_dir)
 
         server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", cfg.api.grpc_max_recv_msg_size),
@@ -134,7 +166,7 @@ class Daemon:
         ])
         pb_grpc.add_RuntimeServiceServicer_to_server(
             RuntimeService(cfg.runtime.cgroup_manager, self.info, self.sandboxes,
-                           list(cfg.runtimes)), server)
+                           self.containers, list(cfg.runtimes)), server)
         pb_grpc.add_ImageServiceServicer_to_server(
             ImageService(self.store, puller, container_fs), server)
         old_umask = os.umask(0o777 & ~cfg.api.socket_mode)
@@ -148,7 +180,8 @@ class Daemon:
         self.server = server
         _log.info("daemon.started", listen=str(listen), version=__version__, root=str(cfg.root),
                   runroot=str(cfg.runroot), images=len(self.store.images()),
-                  sandboxes=len(self.sandboxes.list()))
+                  sandboxes=len(self.sandboxes.list()),
+                  containers=len(self.containers.list()))
 
     def request_stop(self) -> None:
         self._stopping.set()
@@ -167,6 +200,8 @@ class Daemon:
             await self.server.stop(grace=5)
         with contextlib.suppress(AttributeError):
             await self.client.close()
+        with contextlib.suppress(AttributeError):
+            await self.monitor.close()
         self.cfg.api.listen.unlink(missing_ok=True)
         if self._lock_fd >= 0:
             os.close(self._lock_fd)

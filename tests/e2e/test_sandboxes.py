@@ -15,19 +15,17 @@ import secrets
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 import pytest
 
 from moorage.cri.v1 import api_pb2 as pb
+from tests.e2e.conftest import SUBNET, bridge_conflist, in_ns, make_daemon, sh
 from tests.fixtures.daemon import Daemon
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
-
-CNI_DIRS = [Path("/usr/lib/cni"), Path("/opt/cni/bin")]
-SUBNET = "10.99.0.0/16"
 
 SERVER = """
 import socket, sys
@@ -42,75 +40,6 @@ import socket, sys
 c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
 print(c.recv(100).decode().strip())
 """
-
-
-def sh(*cmd: str, check: bool = True) -> str:
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    if check and out.returncode != 0:
-        raise AssertionError(f"{cmd}: {out.returncode}: {out.stderr}")
-    return out.stdout
-
-
-def in_ns(ns: str, *cmd: str, check: bool = True) -> str:
-    return sh("nsenter", f"--net={ns}", *cmd, check=check)
-
-
-@pytest.fixture
-def node_ns() -> Iterator[str]:
-    name = f"mtest-{secrets.token_hex(4)}"
-    sh("ip", "netns", "add", name)
-    path = f"/run/netns/{name}"
-    try:
-        in_ns(path, "ip", "link", "set", "lo", "up")
-        yield path
-    finally:
-        sh("ip", "netns", "del", name, check=False)
-
-
-def bridge_conflist(tmp: Path, plugins_extra: list[dict[str, object]] | None = None,
-                    name: str = "moorage-test") -> dict[str, object]:
-    return {
-        "cniVersion": "1.0.0",
-        "name": name,
-        "plugins": [
-            {
-                "type": "bridge", "bridge": "mbr0", "isGateway": True, "ipMasq": False,
-                "hairpinMode": True,
-                "ipam": {"type": "host-local", "ranges": [[{"subnet": SUBNET}]],
-                         "dataDir": str(tmp / "ipam")},
-            },
-            {"type": "portmap", "capabilities": {"portMappings": True}},
-            *(plugins_extra or []),
-        ],
-    }
-
-
-@pytest.fixture
-def cni_dir(tmp_path: Path) -> Path:
-    d = tmp_path / "net.d"
-    d.mkdir()
-    (d / "10-bridge.conflist").write_text(json.dumps(bridge_conflist(tmp_path)))
-    return d
-
-
-def make_daemon(tmp_path: Path, node_ns: str, cni_dir: Path, extra: list[str] | None = None
-                ) -> Daemon:
-    args = ["--cni-config-dir", str(cni_dir)]
-    for d in CNI_DIRS:
-        args += ["--cni-plugin-dir", str(d)]
-    return Daemon(tmp_path / "d", netns=node_ns, extra_args=args + (extra or []))
-
-
-@pytest.fixture
-def daemon(tmp_path: Path, node_ns: str, cni_dir: Path) -> Iterator[Daemon]:
-    d = make_daemon(tmp_path, node_ns, cni_dir).start()
-    yield d
-    # Remove whatever a failing test left, then stop.
-    try:
-        for item in d.runtime.ListPodSandbox(pb.ListPodSandboxRequest()).items:
-            d.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=item.id))
-    finally:
-        d.stop()
 
 
 def pod_config(name: str, **kw: object) -> pb.PodSandboxConfig:

@@ -24,6 +24,7 @@ import os
 import re
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,11 +95,13 @@ class ImageStore:
         self._layers: dict[str, LayerInfo] = {}
         #: diff_ids that a pull in progress relies on: never collected meanwhile.
         self.holds: dict[str, int] = {}
+        #: diff_ids that containers use (set by the daemon): never collected either.
+        self.layers_in_use: Callable[[], set[str]] = set
 
     # -- start-up ------------------------------------------------------------------------
 
     def load(self) -> None:
-        """Read every record (blocking; at start, before serving)."""
+        """Read every record (blocking; at start, before serving); then call collect()."""
         for d in (self.blobs, self.ingest, self.layers_dir, self.layer_meta, self.records):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
         for tmp in self.layers_dir.glob(".tmp-*"):
@@ -121,7 +124,8 @@ class ImageStore:
                 path.unlink(missing_ok=True)
                 continue
             self._images[image.id] = image
-        self._collect_sync(set())
+        # Unused layers are collected by the daemon's call to collect(), once the
+        # containers (which may use layers of removed images) are loaded too.
 
     def _from_record(self, rec: dict[str, Any]) -> Image | None:
         try:
@@ -293,6 +297,7 @@ class ImageStore:
     def _collect_sync(self, held: set[str]) -> None:
         """Remove layers and blobs that no image references (called under the lock)."""
         used_layers = {d for i in self._images.values() for d in i.layers} | held
+        used_layers |= self.layers_in_use()
         used_blobs = {_hex(i.id) for i in self._images.values()}
         used_blobs |= {_hex(b) for i in self._images.values() for b in i.blobs}
         for diff_id in list(self._layers):

@@ -68,8 +68,9 @@ class SandboxManager:
         self._by_key: dict[str, str] = {}
         self._building: dict[str, asyncio.Task[Sandbox]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
-        #: Called with a sandbox id when it stops or is removed (containers hook in here).
-        self.on_stop: list[Callable[[str], Awaitable[None]]] = []
+        #: Called with a sandbox id and whether it is being removed, when it stops or is
+        #: removed: the containers of the pod hook in here.
+        self.on_stop: list[Callable[[str, bool], Awaitable[None]]] = []
 
     # -- reads ---------------------------------------------------------------------------
 
@@ -306,7 +307,7 @@ class SandboxManager:
         """Undo whatever exists of ``sb``; every step is idempotent and failure-tolerant."""
         log_ = _log.bind(pod_sandbox_id=sb.id)
         for hook in self.on_stop:
-            await hook(sb.id)
+            await hook(sb.id, remove)
         if sb.infra_pid is not None:
             await namespaces.stop_infra(sb.infra_pid, sb.infra_start_time)
             sb.infra_pid = sb.infra_start_time = None

@@ -11,10 +11,12 @@ from collections.abc import Callable
 from typing import Any
 
 from moorage import CRI_API_VERSION, __version__
+from moorage.container.manager import ContainerManager
 from moorage.cri.v1 import api_pb2 as pb
 from moorage.cri.v1 import api_pb2_grpc as pb_grpc
 from moorage.errors import InvalidArgument
 from moorage.sandbox.manager import SandboxManager
+from moorage.server.container import ContainerRpcs
 from moorage.server.rpc import Ctx, fill_unimplemented, unary
 from moorage.server.sandbox import SandboxRpcs
 
@@ -23,14 +25,16 @@ RUNTIME_NAME = "moorage"
 KUBE_API_VERSION = "0.1.0"
 
 
-class RuntimeService(SandboxRpcs, pb_grpc.RuntimeServiceServicer):
+class RuntimeService(SandboxRpcs, ContainerRpcs, pb_grpc.RuntimeServiceServicer):
     def __init__(
         self,
         cgroup_manager: str,
         info: Callable[[], dict[str, Any]],
         sandboxes: SandboxManager,
+        containers: ContainerManager,
         handlers: list[str],
     ) -> None:
+        self.containers = containers
         self.cgroup_manager = cgroup_manager
         self.info = info
         self.sandboxes = sandboxes

@@ -14,6 +14,7 @@ from moorage.sandbox.files import DnsConfig
 from moorage.sandbox.manager import SandboxFilter, SandboxManager
 from moorage.sandbox.model import Mode, Sandbox, SandboxSpec, State
 from moorage.server.rpc import Ctx, stream, unary
+from moorage.util import codec
 from moorage.util.quantity import parse_quantity
 
 _PROTOCOLS = {pb.TCP: "tcp", pb.UDP: "udp", pb.SCTP: "sctp"}
@@ -136,7 +137,7 @@ class SandboxRpcs:
             "cgroupPath": sb.cgroup_path,
             "runtimeHandler": sb.runtime_handler,
             "cniResult": (self.sandboxes.cni.cached(sb.id) or {}).get("result"),
-            "config": sb.spec.record(),
+            "config": codec.to_data(sb.spec),
         }
         return {"info": json.dumps(info)}
 

@@ -1,0 +1,539 @@
+"""Container lifecycle: create, start, stop, remove, status, lists, update, logs, exec.
+
+A container is built in steps (record, writable layer, OCI spec, the monitor running
+``<runtime> create``); a failure undoes what was built, and a record left in the
+``creating`` state by a killed daemon is cleaned at the next start. Exits are learnt from
+the monitor (its exit file, awaited through a pidfd), so they are right even when they
+happen while the daemon is down.
+
+Reads are served from memory; each container's mutations are serialised by its own lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from moorage.monitor.client import CreateRequest, ExitStatus, MonitorClient
+from moorage.oci.runtime import ExecResult, OciRuntime
+from moorage.storage.overlay import ContainerStorage
+
+from moorage import log
+from moorage.container import spec as specgen
+from moorage.container.model import (
+    Container,
+    ContainerResources,
+    ContainerSpec,
+    ImageView,
+    SandboxView,
+    State,
+)
+from moorage.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    MoorageError,
+    NotFound,
+)
+from moorage.image.store import ImageStore
+from moorage.sandbox.manager import SandboxManager
+from moorage.sandbox.model import Mode, Sandbox
+from moorage.sandbox.model import State as SandboxState
+from moorage.state import records
+from moorage.util import codec
+from moorage.util.fs import atomic_write, remove_tree
+
+_log = log.get("moorage.container")
+KIND = "container"
+#: How long Stop waits for the exit after SIGKILL before it gives up.
+KILL_WAIT = 10.0
+
+
+@dataclass(frozen=True)
+class ContainerFilter:
+    id: str = ""
+    state: State | None = None
+    sandbox_id: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Paths:
+    records: Path  # <root>/containers
+    run: Path  # <runroot>/containers: bundles, monitor sockets, exit files
+
+
+class ContainerManager:
+    def __init__(
+        self,
+        paths: Paths,
+        *,
+        images: ImageStore,
+        sandboxes: SandboxManager,
+        storage: ContainerStorage,
+        monitor: MonitorClient,
+        runtimes: dict[str, OciRuntime],
+        spec_options: specgen.SpecOptions,
+        memory_cgroup_root: Path | None,
+        log_max_line: int,
+    ) -> None:
+        self.log_max_line = log_max_line
+        self.paths = paths
+        self.images = images
+        self.sandboxes = sandboxes
+        self.storage = storage
+        self.monitor = monitor
+        self.runtimes = runtimes
+        self.spec_options = spec_options
+        self.memory_cgroup_root = memory_cgroup_root
+        self._containers: dict[str, Container] = {}
+        self._by_key: dict[str, str] = {}
+        self._building: dict[str, asyncio.Task[Container]] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._watchers: dict[str, asyncio.Task[None]] = {}
+        self._exited: dict[str, asyncio.Event] = {}
+        #: Called with (event, container) on created/started/stopped/deleted.
+        self.listeners: list[Callable[[str, Container], None]] = []
+        sandboxes.on_stop.append(self._on_sandbox_stop)
+
+    # -- reads ---------------------------------------------------------------------------
+
+    def get(self, id_or_prefix: str) -> Container:
+        if not id_or_prefix:
+            raise InvalidArgument("container_id is required")
+        c = self._containers.get(id_or_prefix)
+        if c is not None and c.state != State.CREATING:
+            return c
+        matches = [c for i, c in self._containers.items()
+                   if i.startswith(id_or_prefix) and c.state != State.CREATING]
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise InvalidArgument(f"container_id: prefix {id_or_prefix!r} is ambiguous")
+        raise NotFound(f"container {id_or_prefix!r} not found")
+
+    def find(self, id_or_prefix: str) -> Container | None:
+        try:
+            return self.get(id_or_prefix)
+        except NotFound:
+            return None
+
+    def list(self, flt: ContainerFilter | None = None) -> list[Container]:
+        out = []
+        for c in self._containers.values():
+            if c.state == State.CREATING:
+                continue
+            if flt is not None:
+                if flt.id and not c.id.startswith(flt.id):
+                    continue
+                if flt.state is not None and c.state != flt.state:
+                    continue
+                if flt.sandbox_id and not c.sandbox_id.startswith(flt.sandbox_id):
+                    continue
+                if any(c.spec.labels.get(k) != v for k, v in flt.labels.items()):
+                    continue
+            out.append(c)
+        return out
+
+    def layers_in_use(self) -> set[str]:
+        return {d for c in self._containers.values() for d in c.image.layers}
+
+    def state_dir(self, c: Container) -> Path:
+        return self.paths.run / c.id
+
+    def _lock(self, container_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(container_id, asyncio.Lock())
+
+    def _save(self, c: Container) -> Awaitable[None]:
+        return asyncio.to_thread(
+            records.write, self.paths.records / f"{c.id}.json", KIND, _record(c)
+        )
+
+    def _emit(self, event: str, c: Container) -> None:
+        for listener in self.listeners:
+            try:
+                listener(event, c)
+            except Exception:
+                _log.exception("container.listener_failed", event=event)
+
+    # -- CreateContainer -----------------------------------------------------------------
+
+    def sandbox_view(self, sb: Sandbox) -> SandboxView:
+        pinned = self.sandboxes.pinned(sb)
+        spec = sb.spec
+        pid_ns = f"/proc/{sb.infra_pid}/ns/pid" if sb.infra_pid else None
+        return SandboxView(
+            id=sb.id, name=spec.name, namespace=spec.namespace, uid=spec.uid,
+            cgroup_parent=sb.cgroup_path, net_ns=pinned.net, ipc_ns=pinned.ipc,
+            uts_ns=pinned.uts, pid_ns=pid_ns, files_dir=sb.files_dir,
+            shm_path=sb.shm_path or None,
+            hostname=spec.hostname if not spec.host_network else "",
+            log_directory=spec.log_directory, privileged=spec.privileged,
+            host_network=spec.host_network, host_pid=spec.pid == Mode.NODE,
+        )
+
+    async def create(self, sandbox_id: str, spec: ContainerSpec) -> Container:
+        if not spec.name:
+            raise InvalidArgument("config.metadata.name is required")
+        if not spec.image:
+            raise InvalidArgument("config.image.image is required")
+        sb = self.sandboxes.get(sandbox_id)
+        if sb.state != SandboxState.READY:
+            raise FailedPrecondition(f"pod sandbox {sb.id} is not ready")
+        key = (f"{spec.name}_{sb.spec.name}_{sb.spec.namespace}_{sb.spec.uid}_"
+               f"{spec.attempt}")
+        building = self._building.get(key)
+        if building is not None:
+            return await asyncio.shield(building)
+        existing_id = self._by_key.get(key)
+        if existing_id is not None:
+            existing = self._containers[existing_id]
+            if not existing.delivered:
+                existing.delivered = True
+                return existing
+            raise AlreadyExists(
+                f"container {spec.name!r} (attempt {spec.attempt}) already exists in pod "
+                f"sandbox {sb.id} as {existing_id}"
+            )
+        image = self.images.find(spec.image)
+        if image is None:
+            raise NotFound(f"config.image.image: image {spec.image!r} is not present; pull it")
+        view = ImageView(id=image.id, ref=image.id, name=spec.image,
+                         config=image.config.container_config, layers=image.layers)
+        c = Container(id=secrets.token_hex(32), sandbox_id=sb.id, spec=spec, image=view,
+                      created_at=time.time_ns(), runtime_handler=sb.runtime_handler,
+                      resources=spec.resources)
+        if spec.log_path:
+            c.log_path = _log_path(sb.spec.log_directory, spec.log_path)
+        task = asyncio.get_running_loop().create_task(self._build(c, key, sb))
+        self._building[key] = task
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            c.delivered = False
+            raise
+
+    async def _build(self, c: Container, key: str, sb: Sandbox) -> Container:
+        log_ = _log.bind(container_id=c.id, name=c.spec.name, pod_sandbox_id=sb.id)
+        self._containers[c.id] = c
+        self._by_key[key] = c.id
+        try:
+            async with self._lock(c.id):
+                await self._save(c)
+                try:
+                    await self._create(c, sb)
+                except BaseException as e:
+                    log_.warning("container.create_failed",
+                                 error=e.message if isinstance(e, MoorageError) else repr(e))
+                    await asyncio.shield(self._destroy(c))
+                    raise
+            log_.info("container.created")
+            self._emit("created", c)
+            return c
+        finally:
+            self._building.pop(key, None)
+
+    async def _create(self, c: Container, sb: Sandbox) -> None:
+        state_dir = self.state_dir(c)
+        await asyncio.to_thread(state_dir.mkdir, parents=True, exist_ok=True, mode=0o700)
+        c.bundle = str(state_dir)
+        layers = [self.images.layer_path(d) for d in c.image.layers]
+        rootfs = await asyncio.to_thread(
+            self.storage.create, c.id, layers, volumes=specgen.image_volumes(c.image)
+        )
+        user = await asyncio.to_thread(specgen.resolve_user, rootfs.merged, c.spec, c.image)
+        c.user = {"uid": user.uid, "gid": user.gid, "additional_gids": list(user.additional_gids),
+                  "username": user.username}
+        view = self.sandbox_view(sb)
+        doc = await asyncio.to_thread(
+            specgen.build_spec, container_id=c.id, spec=c.spec, sandbox=view, image=c.image,
+            rootfs=rootfs.merged, user=user, options=self.spec_options,
+            target_pid_ns=self._target_pid_ns(c.spec),
+        )
+        c.extra["cgroups_path"] = doc.get("linux", {}).get("cgroupsPath", "")
+        await asyncio.to_thread(atomic_write, state_dir / "config.json",
+                                json.dumps(doc).encode(), 0o600)
+        runtime = self.runtimes[c.runtime_handler]
+        created = await self.monitor.create(CreateRequest(
+            id=c.id, bundle=str(state_dir), runtime=runtime.binary_path(),
+            runtime_root=str(runtime.root), runtime_args=[], state_dir=str(state_dir),
+            log_path=c.log_path or str(state_dir / "ctr.log"), tty=c.spec.tty,
+            stdin=c.spec.stdin, stdin_once=c.spec.stdin_once, log_max_line=self.log_max_line,
+            cgroup_memory_dir=self._memory_dir(c),
+        ))
+        c.pid, c.monitor_pid = created.pid, created.monitor_pid
+        c.extra["monitor_start"] = _start_time(created.monitor_pid)
+        c.state = State.CREATED
+        await self._save(c)
+        self._watch(c)
+
+    def _target_pid_ns(self, spec: ContainerSpec) -> str | None:
+        if spec.security.pid_mode != int(Mode.TARGET):
+            return None
+        target = self.find(spec.security.target_id)
+        if target is None or target.state != State.RUNNING or not target.pid:
+            raise InvalidArgument(
+                "config.linux.security_context.namespace_options.target_id: container "
+                f"{spec.security.target_id!r} is not running"
+            )
+        return f"/proc/{target.pid}/ns/pid"
+
+    def _memory_dir(self, c: Container) -> str:
+        path = c.extra.get("cgroups_path", "")
+        if self.memory_cgroup_root is None or not path or ":" in path:
+            return ""
+        return str(self.memory_cgroup_root / path.lstrip("/"))
+
+    # -- exits ---------------------------------------------------------------------------
+
+    def _watch(self, c: Container) -> None:
+        self._exited.setdefault(c.id, asyncio.Event())
+        if c.id not in self._watchers and c.monitor_pid:
+            self._watchers[c.id] = asyncio.get_running_loop().create_task(self._wait(c))
+
+    async def _wait(self, c: Container) -> None:
+        try:
+            status = await self.monitor.wait_exit(c.monitor_pid, self.state_dir(c))
+        except Exception:
+            _log.exception("container.wait_failed", container_id=c.id)
+            status = None
+        finally:
+            self._watchers.pop(c.id, None)
+        if c.id not in self._containers:
+            return
+        await self._record_exit(c, status)
+
+    async def _record_exit(self, c: Container, status: ExitStatus | None) -> None:
+        if c.state == State.EXITED:
+            self._exited.setdefault(c.id, asyncio.Event()).set()
+            return
+        if status is None:
+            c.exit_code, c.finished_at = 255, time.time_ns()
+            c.reason, c.message = "Error", "the container's monitor exited without a status"
+        else:
+            c.exit_code, c.finished_at = status.exit_code, status.exited_at
+            if status.oom_killed:
+                c.reason = "OOMKilled"
+            else:
+                c.reason = "Completed" if status.exit_code == 0 else "Error"
+        if not c.started_at:
+            # Exited before it was started (runc create ran the init, start never came).
+            c.started_at = 0
+        c.state = State.EXITED
+        await self._save(c)
+        self._exited.setdefault(c.id, asyncio.Event()).set()
+        _log.info("container.exited", container_id=c.id, exit_code=c.exit_code, reason=c.reason)
+        self._emit("stopped", c)
+
+    # -- StartContainer / StopContainer --------------------------------------------------
+
+    async def start(self, container_id: str) -> None:
+        c = self.get(container_id)
+        async with self._lock(c.id):
+            if c.state != State.CREATED:
+                raise FailedPrecondition(
+                    f"container {c.id} is {c.state.value}, only a created container can start"
+                )
+            runtime = self.runtimes[c.runtime_handler]
+            try:
+                await runtime.start(c.id)
+            except MoorageError:
+                status = self.monitor.read_exit(self.state_dir(c))
+                if status is not None:
+                    await self._record_exit(c, status)
+                raise
+            c.started_at = time.time_ns()
+            if c.state == State.CREATED:
+                c.state = State.RUNNING
+            await self._save(c)
+        _log.info("container.started", container_id=c.id)
+        self._emit("started", c)
+
+    def _stop_signal(self, c: Container) -> int:
+        name = c.spec.stop_signal or str(c.image.config.get("StopSignal") or "") or "SIGTERM"
+        try:
+            if name.isdigit():
+                return int(name)
+            return int(signal.Signals[name if name.startswith("SIG") else f"SIG{name}"])
+        except (KeyError, ValueError):
+            return int(signal.SIGTERM)
+
+    async def stop(self, container_id: str, timeout: int) -> None:
+        c = self.find(container_id)
+        if c is None:
+            return
+        async with self._lock(c.id):
+            await self._stop_locked(c, timeout)
+
+    async def _stop_locked(self, c: Container, timeout: int) -> None:
+        if c.state not in (State.RUNNING, State.CREATED):
+            return
+        runtime = self.runtimes[c.runtime_handler]
+        exited = self._exited.setdefault(c.id, asyncio.Event())
+        if c.state == State.RUNNING and timeout > 0:
+            await runtime.kill(c.id, self._stop_signal(c))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(exited.wait(), timeout)
+        if not exited.is_set():
+            # SIGKILL every process of the container: its execs go with it.
+            await runtime.kill(c.id, int(signal.SIGKILL), all_processes=True)
+            try:
+                await asyncio.wait_for(exited.wait(), KILL_WAIT)
+            except TimeoutError as e:
+                raise FailedPrecondition(
+                    f"container {c.id} did not exit {KILL_WAIT:.0f}s after SIGKILL"
+                ) from e
+
+    # -- RemoveContainer -----------------------------------------------------------------
+
+    async def remove(self, container_id: str) -> None:
+        c = self.find(container_id)
+        if c is None:
+            return
+        async with self._lock(c.id):
+            if c.id not in self._containers:
+                return
+            await self._stop_locked(c, 0)
+            await self._destroy(c)
+        self._emit("deleted", c)
+
+    async def _destroy(self, c: Container) -> None:
+        """Remove everything of ``c``; idempotent, tolerant of half-built containers."""
+        runtime = self.runtimes.get(c.runtime_handler)
+        if runtime is not None:
+            try:
+                await runtime.delete(c.id, force=True)
+            except MoorageError as e:
+                _log.warning("container.runtime_delete_failed", container_id=c.id,
+                             error=e.message)
+        watcher = self._watchers.pop(c.id, None)
+        if watcher is not None:
+            watcher.cancel()
+        await asyncio.to_thread(self.storage.remove, c.id)
+        await asyncio.to_thread(remove_tree, self.state_dir(c))
+        await asyncio.to_thread((self.paths.records / f"{c.id}.json").unlink, missing_ok=True)
+        self._containers.pop(c.id, None)
+        for key, cid in list(self._by_key.items()):
+            if cid == c.id:
+                del self._by_key[key]
+        self._locks.pop(c.id, None)
+        self._exited.pop(c.id, None)
+        _log.info("container.removed", container_id=c.id)
+
+    async def _on_sandbox_stop(self, sandbox_id: str, remove: bool) -> None:
+        pod = [c for c in self._containers.values() if c.sandbox_id == sandbox_id]
+        await asyncio.gather(*(self.stop(c.id, 0) for c in pod if c.state != State.CREATING))
+        if remove:
+            await asyncio.gather(*(self.remove(c.id) for c in pod))
+
+    # -- the rest ------------------------------------------------------------------------
+
+    async def update_resources(self, container_id: str, res: ContainerResources) -> None:
+        c = self.get(container_id)
+        async with self._lock(c.id):
+            if c.state not in (State.CREATED, State.RUNNING):
+                raise FailedPrecondition(f"container {c.id} is {c.state.value}: cannot update")
+            doc = specgen.oci_resources(res, self.spec_options)
+            await self.runtimes[c.runtime_handler].update(c.id, doc)
+            c.resources = res
+            c.spec = replace(c.spec, resources=res)
+            await self._save(c)
+
+    async def reopen_log(self, container_id: str) -> None:
+        c = self.get(container_id)
+        if c.state != State.RUNNING:
+            raise FailedPrecondition(f"container {c.id} is not running; its log is closed")
+        await self.monitor.reopen_log(self.state_dir(c))
+
+    async def exec_sync(self, container_id: str, cmd: list[str], timeout: float
+                        ) -> ExecResult:
+        c = self.get(container_id)
+        if not cmd:
+            raise InvalidArgument("cmd is required")
+        if c.state != State.RUNNING:
+            raise FailedPrecondition(f"container {c.id} is not running")
+        return await self.runtimes[c.runtime_handler].exec_sync(
+            c.id, cmd, timeout=timeout or None)
+
+    def usage(self, c: Container) -> tuple[int, int]:
+        return self.storage.usage(c.id)
+
+    # -- restart recovery ----------------------------------------------------------------
+
+    async def recover(self) -> None:
+        for d in (self.paths.records, self.paths.run):
+            await asyncio.to_thread(d.mkdir, parents=True, exist_ok=True, mode=0o711)
+        loaded = await asyncio.to_thread(lambda: list(records.load_all(self.paths.records, KIND)))
+        for path, rec in loaded:
+            c = None if isinstance(rec, records.RecordError) else _from_record(rec)
+            if c is None:
+                _log.warning("container.record_dropped", path=str(path), reason=str(rec)[:200])
+                await asyncio.to_thread(path.unlink, missing_ok=True)
+                continue
+            self._containers[c.id] = c
+            self._by_key[_key(c, self.sandboxes)] = c.id
+            if c.state == State.CREATING or self.sandboxes.find(c.sandbox_id) is None:
+                _log.info("container.recover_cleanup", container_id=c.id,
+                          reason="half built" if c.state == State.CREATING else "pod gone")
+                await self._destroy(c)
+                continue
+            if c.state in (State.CREATED, State.RUNNING):
+                status = self.monitor.read_exit(self.state_dir(c))
+                if status is not None:
+                    await self._record_exit(c, status)
+                elif c.monitor_pid and _start_time(c.monitor_pid) == c.extra.get(
+                        "monitor_start"):
+                    self._watch(c)
+                else:
+                    # No monitor and no exit status: the node rebooted (or the monitor
+                    # was killed). Never report such a container as running.
+                    await self._record_exit(c, None)
+                    c.message = "the container's monitor is gone (node rebooted?)"
+                    await self._save(c)
+
+
+def _log_path(log_directory: str, log_path: str) -> str:
+    """The container's log file: kubelet's log_path below the pod's log_directory."""
+    if not log_directory:
+        raise InvalidArgument("config.log_path needs the pod sandbox's log_directory")
+    path = os.path.normpath(os.path.join(log_directory, log_path))
+    if not path.startswith(os.path.normpath(log_directory) + "/"):
+        raise InvalidArgument("config.log_path must stay inside the pod's log_directory")
+    return path
+
+
+def _start_time(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return int(data.rsplit(b")", 1)[1].split()[19])
+
+
+def _key(c: Container, sandboxes: SandboxManager) -> str:
+    sb = sandboxes.find(c.sandbox_id)
+    if sb is None:
+        return f"{c.spec.name}_?_{c.sandbox_id}_{c.spec.attempt}"
+    return f"{c.spec.name}_{sb.spec.name}_{sb.spec.namespace}_{sb.spec.uid}_{c.spec.attempt}"
+
+
+def _record(c: Container) -> dict[str, Any]:
+    data: dict[str, Any] = codec.to_data(replace(c, delivered=True))
+    return data
+
+
+def _from_record(rec: dict[str, Any]) -> Container | None:
+    try:
+        return codec.load(Container, rec)
+    except (KeyError, TypeError, ValueError):
+        return None
