@@ -131,7 +131,8 @@ class Daemon:
             infra_command=cfg.runtime.infra_command,
         )
         runtimes = {
-            name: OciRuntime(name, handler.runtime_path or name, cfg.runtime_root(name))
+            name: OciRuntime(name, handler.runtime_path or name, cfg.runtime_root(name),
+                             systemd_cgroup=cfg.runtime.cgroup_manager == "systemd")
             for name, handler in cfg.runtimes.items()
         }
         self.monitor = MonitorClient(cfg.runroot)
@@ -180,8 +181,8 @@ class Daemon:
         self.server = server
         _log.info("daemon.started", listen=str(listen), version=__version__, root=str(cfg.root),
                   runroot=str(cfg.runroot), images=len(self.store.images()),
-                  sandboxes=len(self.sandboxes.list()),
-                  containers=len(self.containers.list()))
+                  sandboxes=len(self.sandboxes.select()),
+                  containers=len(self.containers.select()))
 
     def request_stop(self) -> None:
         self._stopping.set()

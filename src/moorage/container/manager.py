@@ -23,10 +23,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from moorage.monitor.client import CreateRequest, ExitStatus, MonitorClient
-from moorage.oci.runtime import ExecResult, OciRuntime
-from moorage.storage.overlay import ContainerStorage
-
 from moorage import log
 from moorage.container import spec as specgen
 from moorage.container.model import (
@@ -45,10 +41,13 @@ from moorage.errors import (
     NotFound,
 )
 from moorage.image.store import ImageStore
+from moorage.monitor.client import CreateRequest, ExitStatus, MonitorClient
+from moorage.oci.runtime import ExecResult, OciRuntime
 from moorage.sandbox.manager import SandboxManager
 from moorage.sandbox.model import Mode, Sandbox
 from moorage.sandbox.model import State as SandboxState
 from moorage.state import records
+from moorage.storage.overlay import ContainerStorage
 from moorage.util import codec
 from moorage.util.fs import atomic_write, remove_tree
 
@@ -127,7 +126,7 @@ class ContainerManager:
         except NotFound:
             return None
 
-    def list(self, flt: ContainerFilter | None = None) -> list[Container]:
+    def select(self, flt: ContainerFilter | None = None) -> list[Container]:
         out = []
         for c in self._containers.values():
             if c.state == State.CREATING:

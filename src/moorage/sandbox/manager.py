@@ -94,7 +94,7 @@ class SandboxManager:
         except NotFound:
             return None
 
-    def list(self, flt: SandboxFilter | None = None) -> list[Sandbox]:
+    def select(self, flt: SandboxFilter | None = None) -> list[Sandbox]:
         out = []
         for sb in self._sandboxes.values():
             if sb.state == State.CREATING:

@@ -114,7 +114,7 @@ def to_container(c: Container) -> pb.Container:
     return pb.Container(
         id=c.id, pod_sandbox_id=c.sandbox_id, metadata=_metadata(c),
         image=pb.ImageSpec(image=c.image.name), image_ref=c.image.ref,
-        state=_STATES[c.state], created_at=c.created_at,  # type: ignore[arg-type]
+        state=_STATES[c.state], created_at=c.created_at,
         labels=c.spec.labels, annotations=c.spec.annotations, image_id=c.image.id,
     )
 
@@ -148,7 +148,7 @@ def to_status(c: Container) -> pb.ContainerStatus:
             uid=c.user.get("uid", 0), gid=c.user.get("gid", 0),
             supplemental_groups=c.user.get("additional_gids", [])))
     return pb.ContainerStatus(
-        id=c.id, metadata=_metadata(c), state=_STATES[c.state],  # type: ignore[arg-type]
+        id=c.id, metadata=_metadata(c), state=_STATES[c.state],
         created_at=c.created_at, started_at=c.started_at,
         finished_at=c.finished_at if exited else 0,
         exit_code=c.exit_code if exited else 0,
@@ -170,7 +170,7 @@ def _signal_enum(name: str) -> int:
 def _filter(f: pb.ContainerFilter | None) -> ContainerFilter | None:
     if f is None:
         return None
-    state = _FROM_STATE.get(f.state.state) if f.HasField("state") else None  # type: ignore[call-overload]
+    state = _FROM_STATE.get(f.state.state) if f.HasField("state") else None
     return ContainerFilter(id=f.id, state=state, sandbox_id=f.pod_sandbox_id,
                            labels=dict(f.label_selector))
 
@@ -218,13 +218,13 @@ class ContainerRpcs:
                              ) -> pb.ListContainersResponse:
         flt = _filter(request.filter if request.HasField("filter") else None)
         return pb.ListContainersResponse(
-            containers=[to_container(c) for c in self.containers.list(flt)])
+            containers=[to_container(c) for c in self.containers.select(flt)])
 
     @stream
     async def StreamContainers(self, request: pb.StreamContainersRequest, context: Ctx
                                ) -> AsyncIterator[pb.StreamContainersResponse]:
         flt = _filter(request.filter if request.HasField("filter") else None)
-        items = [to_container(c) for c in self.containers.list(flt)]
+        items = [to_container(c) for c in self.containers.select(flt)]
         for start in range(0, len(items), STREAM_BATCH):
             yield pb.StreamContainersResponse(containers=items[start:start + STREAM_BATCH])
 

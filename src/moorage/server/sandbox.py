@@ -171,13 +171,13 @@ class SandboxRpcs:
                              ) -> pb.ListPodSandboxResponse:
         flt = _filter(request.filter if request.HasField("filter") else None)
         return pb.ListPodSandboxResponse(
-            items=[to_pod_sandbox(sb) for sb in self.sandboxes.list(flt)])
+            items=[to_pod_sandbox(sb) for sb in self.sandboxes.select(flt)])
 
     @stream
     async def StreamPodSandboxes(self, request: pb.StreamPodSandboxesRequest, context: Ctx
                                  ) -> AsyncIterator[pb.StreamPodSandboxesResponse]:
         flt = _filter(request.filter if request.HasField("filter") else None)
-        items = [to_pod_sandbox(sb) for sb in self.sandboxes.list(flt)]
+        items = [to_pod_sandbox(sb) for sb in self.sandboxes.select(flt)]
         for start in range(0, len(items), STREAM_BATCH):
             yield pb.StreamPodSandboxesResponse(
                 pod_sandboxes=items[start:start + STREAM_BATCH])

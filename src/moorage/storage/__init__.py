@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from moorage.storage.overlay import ContainerStorage, RootFs
 from moorage.util.fs import FsUsage, dir_usage
+
+__all__ = ["ContainerStorage", "RootFs", "container_fs_usage"]
 
 
 async def container_fs_usage(path: Path) -> FsUsage:

@@ -1,0 +1,406 @@
+"""Container root filesystems: overlayfs over unpacked image layers (all blocking: call
+from threads).
+
+Layout under ``root`` (``<moorage root>/overlay``)::
+
+    l/<26 chars>                  short symlink -> an unpacked layer directory
+    empty/                        the only lower dir of an image without layers
+    containers/<id>/upper/        the container's writable layer
+    containers/<id>/work/         overlayfs's work dir (same filesystem as upper)
+    containers/<id>/merged/       the mount point: the container's root filesystem
+    containers/<id>/lower.json    the layer dirs, lowest first (to mount again after a reboot)
+
+**Mount data fits one page.** ``mount(2)`` takes the overlay options as one string of at most
+a page (4096 bytes).  As containers/storage does, each layer is named by a short link
+``l/<26 chars>`` (base32 of the SHA-256 of the layer's path, so no state is needed to find it
+again) and every path in the options is relative to ``root``: ``lowerdir=l/A:l/B,upperdir=
+containers/<id>/upper,workdir=containers/<id>/work``.  Relative paths need the mount to run
+with ``root`` as its working directory; the daemon must not ``chdir`` (every thread shares it),
+so the mount runs in a short-lived thread that first calls ``unshare(CLONE_FS)``, which gives
+that thread a working directory of its own (no fork).  That leaves room for about 130 layers
+(29 bytes each); beyond that ``create`` raises InvalidArgument.
+
+Links are shared by containers and safe to drop at any time (``prune_links``): the kernel
+resolves them at mount time, and ``mount`` recreates them from ``lower.json``.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import ctypes
+import errno
+import hashlib
+import json
+import os
+import re
+import stat
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from moorage import log
+from moorage.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+)
+from moorage.util.fs import atomic_write, remove_tree, tree_usage
+
+_log = log.get("moorage.storage")
+
+_CLONE_FS = 0x00000200
+_MNT_DETACH = 0x2
+_LINK_LEN = 26
+_MAX_SYMLINKS = 40
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = [
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_ulong,
+    ctypes.c_char_p,
+]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.unshare.argtypes = [ctypes.c_int]
+
+
+@dataclass(frozen=True)
+class RootFs:
+    container_id: str
+    upper: Path
+    work: Path
+    merged: Path
+
+
+def link_name(layer: Path) -> str:
+    """The short name (``l/<name>``) of a layer directory."""
+    digest = hashlib.sha256(os.fsencode(os.path.abspath(layer))).digest()
+    return base64.b32encode(digest).decode("ascii")[:_LINK_LEN]
+
+
+class ContainerStorage:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.links = root / "l"
+        self.empty = root / "empty"
+        self.containers = root / "containers"
+        self._lock = threading.Lock()
+        self._index_off: bool | None = None  # whether the kernel takes "index=off"
+
+    # ------------------------------------------------------------------ paths
+
+    def _dir(self, container_id: str) -> Path:
+        if not _ID.match(container_id):
+            raise InvalidArgument(f"invalid container id {container_id!r}")
+        return self.containers / container_id
+
+    def rootfs(self, container_id: str) -> RootFs:
+        """The paths of a container's root filesystem (whether or not they exist)."""
+        d = self._dir(container_id)
+        return RootFs(container_id, d / "upper", d / "work", d / "merged")
+
+    def _prepare_root(self) -> None:
+        for d in (self.root, self.containers):
+            d.mkdir(mode=0o711, parents=True, exist_ok=True)
+        for d in (self.links, self.empty):
+            d.mkdir(mode=0o700, exist_ok=True)
+
+    # ------------------------------------------------------------------ create / mount
+
+    def create(
+        self, container_id: str, layers: Sequence[Path], *, volumes: Sequence[str] = ()
+    ) -> RootFs:
+        """Make upper/work, mount the overlay on merged and create the image's volume dirs.
+
+        ``layers``: unpacked layer directories, lowest first.  ``volumes``: the image
+        config's ``Volumes`` paths; each missing one is made as an empty directory (0755)
+        through the mounted view, so it lands in upper and a path through a symlink of the
+        image resolves inside the root filesystem, never outside it.
+        """
+        d = self._dir(container_id)
+        for v in volumes:
+            if not v or "\0" in v:
+                raise InvalidArgument(f"invalid image volume path {v!r}")
+        lowers = [Path(os.path.abspath(p)) for p in layers]
+        for p in lowers:
+            if not p.is_dir():
+                raise FailedPrecondition(
+                    f"layer directory {p} of container {container_id} is missing"
+                )
+        self._prepare_root()
+        # Checked before anything is made: the longest data this container can need.
+        self._mount_data(container_id, [link_name(p) for p in lowers] or [link_name(self.empty)])
+        try:
+            d.mkdir(mode=0o711)
+        except FileExistsError:
+            raise AlreadyExists(f"container {container_id} already has storage") from None
+        fs = self.rootfs(container_id)
+        try:
+            atomic_write(
+                d / "lower.json", json.dumps({"layers": [str(p) for p in lowers]}).encode()
+            )
+            fs.work.mkdir(mode=0o700)
+            fs.merged.mkdir(mode=0o755)
+            fs.upper.mkdir(mode=0o755)
+            # The overlay's root directory is upper itself: give it the top layer's
+            # owner and mode, as containers/storage does.
+            if lowers:
+                st = os.stat(lowers[-1])
+                os.chown(fs.upper, st.st_uid, st.st_gid)
+                os.chmod(fs.upper, stat.S_IMODE(st.st_mode))
+            self._mount(container_id, lowers)
+            for v in volumes:
+                _make_dir_in_root(fs.merged, v)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.remove(container_id)
+            raise
+        _log.debug("container storage created", container=container_id, layers=len(lowers))
+        return fs
+
+    def mount(self, container_id: str) -> RootFs:
+        """Mount a container's overlay again (after ``unmount`` or a reboot); idempotent."""
+        fs = self.rootfs(container_id)
+        d = fs.upper.parent
+        try:
+            record = json.loads((d / "lower.json").read_bytes())
+            lowers = [Path(p) for p in record["layers"]]
+        except FileNotFoundError:
+            raise NotFound(f"container {container_id} has no storage") from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise Internal(f"storage record of container {container_id} is corrupt: {e}") from e
+        if self.is_mounted(container_id):
+            return fs
+        for p in lowers:
+            if not p.is_dir():
+                raise FailedPrecondition(
+                    f"layer directory {p} of container {container_id} is missing"
+                )
+        for sub in (fs.upper, fs.work, fs.merged):
+            if not sub.is_dir():
+                raise Internal(f"storage of container {container_id} lacks {sub.name}/")
+        self._prepare_root()
+        self._mount(container_id, lowers)
+        return fs
+
+    def _mount_data(self, container_id: str, names: Sequence[str], index_off: bool = True) -> str:
+        rel = f"containers/{container_id}"
+        lower = ":".join(f"l/{n}" for n in names)
+        data = f"lowerdir={lower},upperdir={rel}/upper,workdir={rel}/work"
+        if index_off:
+            data += ",index=off"
+        if len(data) + 1 > os.sysconf("SC_PAGE_SIZE"):
+            raise InvalidArgument(
+                f"image has too many layers for one overlay mount ({len(names)} layers; "
+                f"the mount options must fit {os.sysconf('SC_PAGE_SIZE')} bytes)"
+            )
+        return data
+
+    def _mount(self, container_id: str, lowers: Sequence[Path]) -> None:
+        with self._lock:
+            if lowers:
+                names = [self._ensure_link(p) for p in lowers]
+            else:
+                names = [self._ensure_link(self.empty)]
+        names.reverse()  # overlayfs wants the top layer first
+        target = str(self.rootfs(container_id).merged)
+        attempts = [True, False] if self._index_off is not False else [False]
+        for index_off in attempts:
+            data = self._mount_data(container_id, names, index_off)
+            err = _mount_in(self.root, target, data)
+            if err == 0:
+                if index_off:
+                    self._index_off = True
+                return
+            if err == errno.EINVAL and index_off and self._index_off is None:
+                # Old kernels do not know "index=off"; they have no index either.
+                continue
+            raise Internal(
+                f"mounting the overlay of container {container_id} failed: "
+                f"{os.strerror(err)} (mount data {len(data)} bytes, {len(names)} lower dirs)"
+            )
+        if self._index_off is None:
+            self._index_off = False
+
+    def _ensure_link(self, layer: Path) -> str:
+        name = link_name(layer)
+        link = self.links / name
+        target = str(layer)
+        try:
+            if os.readlink(link) == target:
+                return name
+        except OSError:
+            pass
+        tmp = self.links / f".tmp-{name}-{os.getpid()}-{threading.get_ident()}"
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        os.symlink(target, tmp)
+        os.replace(tmp, link)
+        return name
+
+    def prune_links(self) -> int:
+        """Remove short links that no container's storage uses; returns how many."""
+        with self._lock:
+            used = {link_name(self.empty)}
+            for cid in self.list_ids():
+                with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                    record = json.loads((self.containers / cid / "lower.json").read_bytes())
+                    used.update(link_name(Path(p)) for p in record["layers"])
+            removed = 0
+            try:
+                entries = list(os.scandir(self.links))
+            except FileNotFoundError:
+                return 0
+            for entry in entries:
+                if entry.name not in used:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path)
+                        removed += 1
+            return removed
+
+    # ------------------------------------------------------------------ unmount / remove
+
+    def is_mounted(self, container_id: str) -> bool:
+        target = os.path.realpath(self.rootfs(container_id).merged)
+        return target in _mount_points()
+
+    def unmount(self, container_id: str) -> None:
+        """Detach the overlay (MNT_DETACH); not mounted is fine."""
+        merged = os.fsencode(self.rootfs(container_id).merged)
+        for _ in range(16):  # stacked mounts come off one at a time
+            if not self.is_mounted(container_id):
+                return
+            if _libc.umount2(merged, _MNT_DETACH) != 0:
+                err = ctypes.get_errno()
+                if err in (errno.EINVAL, errno.ENOENT):
+                    return
+                raise Internal(
+                    f"unmounting the rootfs of container {container_id} failed: {os.strerror(err)}"
+                )
+        raise Internal(f"the rootfs of container {container_id} stays mounted")
+
+    def remove(self, container_id: str) -> None:
+        """Unmount and delete the container's upper, work and mount point; idempotent."""
+        d = self._dir(container_id)
+        if not d.exists():
+            return
+        self.unmount(container_id)
+        if self.is_mounted(container_id):  # never delete through a mount
+            raise Internal(f"the rootfs of container {container_id} is still mounted")
+        remove_tree(d)
+
+    # ------------------------------------------------------------------ queries
+
+    def usage(self, container_id: str) -> tuple[int, int]:
+        """Bytes (allocated) and inodes of the container's writable layer."""
+        upper = self.rootfs(container_id).upper
+        if not upper.is_dir():
+            raise NotFound(f"container {container_id} has no storage")
+        return tree_usage(upper)
+
+    def list_ids(self) -> list[str]:
+        """Containers that have storage here (including half-made ones from a crash)."""
+        try:
+            names = os.listdir(self.containers)
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if _ID.match(n) and (self.containers / n).is_dir())
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _mount_in(cwd: Path, target: str, data: str) -> int:
+    """mount -t overlay with ``data`` relative to ``cwd``; returns an errno (0 = done).
+
+    Runs in its own thread with a private working directory (``unshare(CLONE_FS)``), so no
+    other thread of the process sees the ``chdir``.  The thread ends right after.
+    """
+    result: list[int] = []
+
+    def work() -> None:
+        try:
+            if _libc.unshare(_CLONE_FS) != 0:
+                result.append(ctypes.get_errno())
+                return
+            os.chdir(cwd)
+            rc = _libc.mount(b"overlay", os.fsencode(target), b"overlay", 0, data.encode())
+            result.append(0 if rc == 0 else ctypes.get_errno())
+        except OSError as e:
+            result.append(e.errno or errno.EIO)
+
+    thread = threading.Thread(target=work, name="moorage-overlay-mount", daemon=True)
+    thread.start()
+    thread.join()
+    return result[0] if result else errno.EIO
+
+
+_OCTAL = re.compile(r"\\([0-7]{3})")
+
+
+def _mount_points() -> set[str]:
+    points: set[str] = set()
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f.read().decode("utf-8", "surrogateescape").splitlines():
+            fields = line.split(" ", 5)
+            if len(fields) >= 5:
+                points.add(_OCTAL.sub(lambda m: chr(int(m.group(1), 8)), fields[4]))
+    return points
+
+
+def _make_dir_in_root(root: Path, path: str, mode: int = 0o755) -> None:
+    """``mkdir -p root/path`` where symlinks resolve with ``root`` as ``/``.
+
+    Every step is an ``openat`` relative to the directory resolved so far, with
+    ``O_NOFOLLOW``; a symlink is read and its target walked again from ``root`` (absolute)
+    or from the current directory (relative), and ``..`` never climbs above ``root``.
+    """
+    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    stack = [root_fd]
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    links = 0
+    try:
+        while parts:
+            name = parts.pop(0)
+            if name == "..":
+                if len(stack) > 1:
+                    os.close(stack.pop())
+                continue
+            cur = stack[-1]
+            created = False
+            try:
+                st = os.stat(name, dir_fd=cur, follow_symlinks=False)
+            except FileNotFoundError:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(name, mode, dir_fd=cur)
+                    created = True
+                st = os.stat(name, dir_fd=cur, follow_symlinks=False)
+            if stat.S_ISLNK(st.st_mode):
+                links += 1
+                if links > _MAX_SYMLINKS:
+                    raise InvalidArgument(f"image volume {path!r}: too many symlinks")
+                target = os.readlink(name, dir_fd=cur)
+                if target.startswith("/"):
+                    while len(stack) > 1:
+                        os.close(stack.pop())
+                parts = [p for p in target.split("/") if p not in ("", ".")] + parts
+                continue
+            if not stat.S_ISDIR(st.st_mode):
+                raise InvalidArgument(
+                    f"image volume {path!r}: {name!r} exists and is not a directory"
+                )
+            fd = os.open(
+                name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=cur
+            )
+            stack.append(fd)
+            if created:
+                os.fchmod(fd, mode)  # not narrowed by the daemon's umask
+    finally:
+        for fd in stack:
+            os.close(fd)
