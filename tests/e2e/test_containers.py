@@ -38,10 +38,17 @@ def env(tmp_path: Path, node_ns: str, cni_dir: Path, registry: Registry,
     d = make_daemon(tmp_path, node_ns, cni_dir,
                     ["--config", str(_config(tmp_path))])
     d.registries_conf_text = insecure_conf(registry)
+    # The registry listens on the machine's loopback; the pods' daemon runs in the node
+    # namespace. Pull first from a daemon outside it, on the same state.
+    node, d.netns = d.netns, None
+    d.start()
+    image_ref = d.images.PullImage(pb.PullImageRequest(
+        image=pb.ImageSpec(image=busybox_ref))).image_ref
+    d.stop()
+    d.netns = node
     d.start()
     e = Env(d, tmp_path, busybox_ref)
-    e.image_ref = d.images.PullImage(pb.PullImageRequest(
-        image=pb.ImageSpec(image=busybox_ref))).image_ref
+    e.image_ref = image_ref
     try:
         yield e
     finally:
@@ -233,9 +240,11 @@ def test_exec_sync(env: Env) -> None:
 
 
 def test_two_containers_share_network_and_ipc(env: Env) -> None:
-    pod = env.pod()
-    a = env.run(pod, "a", ["sleep", "1000"])
-    b = env.run(pod, "b", ["sleep", "1000"])
+    pod = env.pod(pid=pb.CONTAINER)
+    own_pid = pb.LinuxContainerConfig(security_context=pb.LinuxContainerSecurityContext(
+        namespace_options=pb.NamespaceOption(pid=pb.CONTAINER)))
+    a = env.run(pod, "a", ["sleep", "1000"], linux=own_pid)
+    b = env.run(pod, "b", ["sleep", "1000"], linux=own_pid)
     env.wait_state(a, pb.CONTAINER_RUNNING)
     env.wait_state(b, pb.CONTAINER_RUNNING)
 
@@ -244,7 +253,8 @@ def test_two_containers_share_network_and_ipc(env: Env) -> None:
 
     assert ns(a, "net") == ns(b, "net") and ns(a, "ipc") == ns(b, "ipc")
     assert ns(a, "pid") != ns(b, "pid")  # CONTAINER pid mode
-    server = env.run(pod, "server", ["sh", "-c", "nc -ll -p 8080 -e echo hi-from-a"])
+    server = env.run(pod, "server", ["sh", "-c", "nc -ll -p 8080 -e echo hi-from-a"],
+                     linux=own_pid)
     env.wait_state(server, pb.CONTAINER_RUNNING)
     out = b""
     for _ in range(50):

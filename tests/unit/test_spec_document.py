@@ -55,7 +55,9 @@ def make_sandbox(files_dir: Path | None = None, **kw: Any) -> SandboxView:
 def make_image(**config: Any) -> ImageView:
     cfg: dict[str, Any] = {"Cmd": ["sh"]}
     cfg.update(config)
-    return ImageView(id="sha256:abc", ref="sha256:abc", name="busybox:latest", config=cfg, layers=())
+    return ImageView(
+        id="sha256:abc", ref="sha256:abc", name="busybox:latest", config=cfg, layers=()
+    )
 
 
 def make_spec(**kw: Any) -> ContainerSpec:
@@ -103,7 +105,8 @@ def build(
         sandbox=sandbox or make_sandbox(),
         image=image or make_image(),
         rootfs=Path("/var/lib/moorage/containers/c0ffee/merged"),
-        user=user or ResolvedUser(uid=0, gid=0, additional_gids=(0,), username="root", home="/root"),
+        user=user
+        or ResolvedUser(uid=0, gid=0, additional_gids=(0,), username="root", home="/root"),
         options=options,
         **kw,
     )
@@ -113,13 +116,21 @@ def opts(**kw: Any) -> SpecOptions:
     return dataclasses.replace(OPTIONS, **kw)
 
 
-# -- the document -----------------------------------------------------------------------------------
+# -- the document ----------------------------------------------------------------------------------
 
 
 def test_document_shape() -> None:
     doc = build()
     assert doc["ociVersion"] == OCI_VERSION == "1.0.2-dev"
-    assert set(doc) == {"ociVersion", "process", "root", "hostname", "mounts", "annotations", "linux"}
+    assert set(doc) == {
+        "ociVersion",
+        "process",
+        "root",
+        "hostname",
+        "mounts",
+        "annotations",
+        "linux",
+    }
     assert doc["root"] == {"path": "/var/lib/moorage/containers/c0ffee/merged", "readonly": False}
     assert doc["hostname"] == "web-0"
     p = doc["process"]
@@ -205,7 +216,10 @@ def test_systemd_driver_in_spec() -> None:
     [
         (None, []),
         ({}, []),
-        ({"/data": {}, "/var/lib/db/": {}, "cache": {}, "/": {}, "/a/../b": {}}, ["/b", "/cache", "/data", "/var/lib/db"]),
+        (
+            {"/data": {}, "/var/lib/db/": {}, "cache": {}, "/": {}, "/a/../b": {}},
+            ["/b", "/cache", "/data", "/var/lib/db"],
+        ),
         (["/not-a-map"], []),
     ],
 )

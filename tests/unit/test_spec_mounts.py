@@ -20,7 +20,7 @@ def by_dest(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {m["destination"]: m for m in doc["mounts"]}
 
 
-# -- defaults and pod files ---------------------------------------------------------------------------
+# -- defaults and pod files ------------------------------------------------------------------------
 
 
 def test_default_and_pod_mounts(tmp_path: Path) -> None:
@@ -78,7 +78,7 @@ def test_host_ipc_shm() -> None:
     assert by_dest(doc)["/dev/shm"]["source"] == "/dev/shm"
 
 
-# -- CRI mounts ---------------------------------------------------------------------------------------
+# -- CRI mounts ------------------------------------------------------------------------------------
 
 
 def test_cri_bind_mounts(tmp_path: Path) -> None:
@@ -130,7 +130,9 @@ def test_cri_mount_replaces_defaults(tmp_path: Path) -> None:
 
 def test_cri_mount_missing_host_path(tmp_path: Path) -> None:
     mounts = (Mount("/a", str(tmp_path)), Mount("/b", str(tmp_path / "gone")))
-    with pytest.raises(InvalidArgument, match=r"config.mounts\[1\].host_path: .*gone' does not exist"):
+    with pytest.raises(
+        InvalidArgument, match=r"config.mounts\[1\].host_path: .*gone' does not exist"
+    ):
         build(spec=make_spec(mounts=mounts))
 
 
@@ -141,48 +143,47 @@ def test_cri_mount_relative_container_path(tmp_path: Path) -> None:
 
 MOUNTINFO = """\
 22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
-30 22 0:40 / /mnt/shared rw,relatime shared:7 - tmpfs tmpfs rw
-31 22 0:41 / /mnt/slave rw,relatime master:7 - tmpfs tmpfs rw
-32 22 0:42 / /mnt/private rw,relatime - tmpfs tmpfs rw
-33 30 0:43 / /mnt/shared/inner rw,relatime - tmpfs tmpfs rw
-34 22 0:44 / /mnt/with\\040space rw,relatime shared:9 - tmpfs tmpfs rw
+30 22 0:40 / {root}/shared rw,relatime shared:7 - tmpfs tmpfs rw
+31 22 0:41 / {root}/slave rw,relatime master:7 - tmpfs tmpfs rw
+32 22 0:42 / {root}/private rw,relatime - tmpfs tmpfs rw
+33 30 0:43 / {root}/shared/inner rw,relatime - tmpfs tmpfs rw
+34 22 0:44 / {root}/with\\040space rw,relatime shared:9 - tmpfs tmpfs rw
+35 22 0:45 / {root}/remounted rw,relatime shared:10 - tmpfs tmpfs rw
+36 22 0:46 / {root}/remounted rw,relatime - tmpfs tmpfs rw
 """
 
 
 @pytest.fixture
-def mountinfo(tmp_path: Path) -> Path:
+def hosts(tmp_path: Path) -> tuple[Path, Path]:
+    """A fake mount table over real directories: (root of the directories, mountinfo)."""
+    root = (tmp_path / "m").resolve()
+    for d in ("shared/inner", "shared/other", "slave", "private", "with space", "remounted"):
+        (root / d).mkdir(parents=True)
     path = tmp_path / "mountinfo"
-    path.write_text(MOUNTINFO)
-    return path
+    path.write_text(MOUNTINFO.format(root=root))
+    return root, path
 
 
 @pytest.mark.parametrize(
     ("host_path", "propagation", "ok"),
     [
-        ("/mnt/shared", "rshared", True),
-        ("/mnt/shared", "rslave", True),
-        ("/mnt/slave", "rslave", True),
-        ("/mnt/slave", "rshared", False),
-        ("/mnt/private", "rslave", False),
-        ("/mnt/private", "rshared", False),
-        ("/mnt/shared/inner", "rshared", False),  # the deepest mount counts
-        ("/mnt/shared/other", "rshared", True),
-        ("/mnt/with space", "rshared", True),
-        ("/elsewhere", "rshared", True),  # on / which is shared
+        ("shared", "rshared", True),
+        ("shared", "rslave", True),
+        ("slave", "rslave", True),
+        ("slave", "rshared", False),
+        ("private", "rslave", False),
+        ("private", "rshared", False),
+        ("shared/inner", "rshared", False),  # the deepest mount counts
+        ("shared/other", "rshared", True),
+        ("with space", "rshared", True),
+        ("remounted", "rslave", False),  # the last mount on a point is the one on top
+        ("", "rshared", True),  # on / which is shared
     ],
 )
-def test_propagation(
-    tmp_path: Path,
-    mountinfo: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    host_path: str,
-    propagation: Any,
-    ok: bool,
-) -> None:
-    # host paths are checked for existence and resolved on this machine: fake both
-    monkeypatch.setattr(os.path, "exists", lambda p: True)
-    monkeypatch.setattr(os.path, "realpath", lambda p: p)
-    spec = make_spec(mounts=(Mount("/m", host_path, propagation=propagation),))
+def test_propagation(hosts: tuple[Path, Path], host_path: str, propagation: Any, ok: bool) -> None:
+    root, mountinfo = hosts
+    source = str(root / host_path) if host_path else str(root)
+    spec = make_spec(mounts=(Mount("/m", source, propagation=propagation),))
     o = opts(mountinfo=str(mountinfo))
     if ok:
         doc = build(spec=spec, options=o)
@@ -193,20 +194,19 @@ def test_propagation(
             build(spec=spec, options=o)
 
 
-def test_rootfs_propagation_rshared_wins(
-    mountinfo: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(os.path, "exists", lambda p: True)
-    monkeypatch.setattr(os.path, "realpath", lambda p: p)
+def test_rootfs_propagation_rshared_wins(hosts: tuple[Path, Path]) -> None:
+    root, mountinfo = hosts
     mounts = (
-        Mount("/a", "/mnt/shared", propagation="rshared"),
-        Mount("/b", "/mnt/slave", propagation="rslave"),
+        Mount("/a", str(root / "shared"), propagation="rshared"),
+        Mount("/b", str(root / "slave"), propagation="rslave"),
     )
     doc = build(spec=make_spec(mounts=mounts), options=opts(mountinfo=str(mountinfo)))
     assert doc["linux"]["rootfsPropagation"] == "rshared"
+    doc = build(spec=make_spec(mounts=mounts[1:]), options=opts(mountinfo=str(mountinfo)))
+    assert doc["linux"]["rootfsPropagation"] == "rslave"
 
 
-def test_recursive_read_only(tmp_path: Path) -> None:
+def test_recursive_read_only(tmp_path: Path, hosts: tuple[Path, Path]) -> None:
     rro = Mount("/r", str(tmp_path), readonly=True, recursive_read_only=True)
     doc = build(spec=make_spec(mounts=(rro,)), options=opts(rro_supported=True))
     assert by_dest(doc)["/r"]["options"] == ["rbind", "rprivate", "rro"]
@@ -215,19 +215,18 @@ def test_recursive_read_only(tmp_path: Path) -> None:
     rw = Mount("/r", str(tmp_path), readonly=False, recursive_read_only=True)
     with pytest.raises(InvalidArgument, match="recursive_read_only: needs readonly"):
         build(spec=make_spec(mounts=(rw,)), options=opts(rro_supported=True))
-
-
-def test_recursive_read_only_needs_private(
-    mountinfo: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(os.path, "exists", lambda p: True)
-    monkeypatch.setattr(os.path, "realpath", lambda p: p)
-    m = Mount("/r", "/mnt/shared", readonly=True, recursive_read_only=True, propagation="rslave")
+    root, mountinfo = hosts
+    m = Mount(
+        "/r", str(root / "shared"), readonly=True, recursive_read_only=True, propagation="rslave"
+    )
     with pytest.raises(InvalidArgument, match="needs private propagation"):
-        build(spec=make_spec(mounts=(m,)), options=opts(rro_supported=True, mountinfo=str(mountinfo)))
+        build(
+            spec=make_spec(mounts=(m,)),
+            options=opts(rro_supported=True, mountinfo=str(mountinfo)),
+        )
 
 
-# -- devices ------------------------------------------------------------------------------------------
+# -- devices ---------------------------------------------------------------------------------------
 
 
 def test_devices() -> None:
@@ -258,19 +257,23 @@ def test_no_devices_denies_all() -> None:
 
 
 def test_device_directory(tmp_path: Path) -> None:
-    # a directory of devices: a symlink to /dev/null is no device node of its own, so use
-    # the host's /dev/pts-free /dev/null via a directory holding a symlink -> skipped
+    # A directory gives the device nodes below it; symbolic links are not device nodes.
     d = tmp_path / "devs"
     d.mkdir()
     (d / "link").symlink_to("/dev/null")
+    (d / "file").write_text("")
     doc = build(spec=make_spec(devices=(Device("/dev/x", str(d), "r"),)))
     assert doc["linux"]["devices"] == []
+    assert doc["linux"]["resources"]["devices"] == [{"allow": False, "access": "rwm"}]
 
 
 @pytest.mark.parametrize(
     ("device", "match"),
     [
-        (Device("/dev/x", "/dev/does-not-exist"), r"config.devices\[0\].host_path: .* does not exist"),
+        (
+            Device("/dev/x", "/dev/does-not-exist"),
+            r"config.devices\[0\].host_path: .* does not exist",
+        ),
         (Device("/dev/x", "/etc/hostname"), "is not a device"),
         (Device("/dev/x", "/dev/null", "rwx"), r"config.devices\[0\].permissions"),
         (Device("/dev/x", "/dev/null", "rr"), r"config.devices\[0\].permissions"),
@@ -290,7 +293,7 @@ def test_host_devices() -> None:
     assert host_devices("/nonexistent") == []
 
 
-# -- resources ----------------------------------------------------------------------------------------
+# -- resources -------------------------------------------------------------------------------------
 
 
 def res(**kw: Any) -> ContainerResources:
@@ -356,7 +359,10 @@ def test_memory_swap(memory: int, swap: int, accounting: bool, expected: dict[st
         ({"memory_limit": -5}, "memory_limit_in_bytes"),
         ({"cpu_shares": -1}, "cpu_shares"),
         ({"hugepage_limits": {"2M": 1}}, "page size '2M'"),
-        ({"unified": {"memory.high": "1G"}}, "unified: cgroup v2 settings, but this host has cgroup v1"),
+        (
+            {"unified": {"memory.high": "1G"}},
+            "unified: cgroup v2 settings, but this host has cgroup v1",
+        ),
     ],
 )
 def test_resource_refusals(kw: dict[str, Any], match: str) -> None:

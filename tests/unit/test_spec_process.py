@@ -93,7 +93,9 @@ def test_env_merge_order_and_override() -> None:
 
 
 def test_env_home_hostname_term() -> None:
-    user = ResolvedUser(uid=1000, gid=1000, additional_gids=(1000,), username="app", home="/home/app")
+    user = ResolvedUser(
+        uid=1000, gid=1000, additional_gids=(1000,), username="app", home="/home/app"
+    )
     env = env_of(spec=make_spec(tty=True), user=user, sandbox=make_sandbox(hostname="h1"))
     assert env == [DEFAULT_PATH, "HOSTNAME=h1", "TERM=xterm", "HOME=/home/app"]
     # set by the image or the request: kept

@@ -3,6 +3,7 @@ AppArmor refusals, oom_score_adj."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,7 +26,7 @@ DEFAULT = [
     "CAP_NET_BIND_SERVICE",
 ]  # by number
 
-# -- capabilities -----------------------------------------------------------------------------------
+# -- capabilities ----------------------------------------------------------------------------------
 
 
 def caps(**sec: Any) -> dict[str, list[str]]:
@@ -112,10 +113,13 @@ def test_capabilities_function_defaults_option() -> None:
 
 def test_host_capabilities_reads_this_process() -> None:
     have = host_capabilities()
-    assert have and set(have) <= set(ALL_CAPS)
+    status = Path("/proc/self/status").read_text()
+    eff = int(next(x for x in status.splitlines() if x.startswith("CapEff:")).split()[1], 16)
+    last = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
+    assert have == tuple(n for i, n in enumerate(ALL_CAPS) if i <= last and eff >> i & 1)
 
 
-# -- privileged ---------------------------------------------------------------------------------------
+# -- privileged ------------------------------------------------------------------------------------
 
 
 def privileged(**sec: Any) -> dict[str, Any]:
@@ -166,7 +170,7 @@ def test_privileged_keeps_cri_devices(tmp_path: Any) -> None:
     assert [d["path"] for d in doc["linux"]["devices"]] == ["/dev/mynull"]
 
 
-# -- masked and read-only paths -----------------------------------------------------------------------
+# -- masked and read-only paths --------------------------------------------------------------------
 
 
 def test_masked_readonly_defaults() -> None:
@@ -183,7 +187,7 @@ def test_masked_readonly_given() -> None:
     assert linux["readonlyPaths"] == []  # an empty list is used as given (procMount Unmasked)
 
 
-# -- namespaces ---------------------------------------------------------------------------------------
+# -- namespaces ------------------------------------------------------------------------------------
 
 
 def ns_of(doc: dict[str, Any]) -> list[dict[str, str]]:
@@ -226,7 +230,7 @@ def test_cgroup_namespace_on_v2() -> None:
     assert {"type": "cgroup"} not in ns_of(build())
 
 
-# -- seccomp, AppArmor --------------------------------------------------------------------------------
+# -- seccomp, AppArmor -----------------------------------------------------------------------------
 
 
 def test_unconfined_profiles_accepted() -> None:
@@ -265,7 +269,7 @@ def test_apparmor_runtime_default_without_apparmor() -> None:
     assert "apparmorProfile" not in doc["process"]
 
 
-# -- oom_score_adj ------------------------------------------------------------------------------------
+# -- oom_score_adj ---------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -291,3 +295,22 @@ def test_oom_score_adj_range() -> None:
 
     with pytest.raises(InvalidArgument, match="oom_score_adj: 1001"):
         build(spec=make_spec(resources=ContainerResources(oom_score_adj=1001)))
+
+
+def test_privileged_ignores_adds_and_drops_keeps_ambient() -> None:
+    available = tuple(n for n in ALL_CAPS if n != "CAP_BPF")
+    doc = build(
+        spec=make_spec(
+            sec={
+                "privileged": True,
+                "cap_add": ("BPF",),  # not here, but ignored
+                "cap_drop": ("NET_RAW",),  # ignored too
+                "cap_add_ambient": ("NET_RAW",),
+            }
+        ),
+        sandbox=make_sandbox(privileged=True),
+        options=opts(all_capabilities=available),
+    )
+    c = doc["process"]["capabilities"]
+    assert c["bounding"] == list(available)
+    assert c["ambient"] == c["inheritable"] == ["CAP_NET_RAW"]

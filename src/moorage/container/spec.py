@@ -63,8 +63,9 @@ containerd's ``internal/cri/opts``, unless said otherwise):
     they set ``linux.rootfsPropagation``. ``rro`` needs ``readonly``, private propagation,
     and a runtime that has it (``SpecOptions.rro_supported``: else FailedPrecondition
     starting ``RROUnsupported``, the CRI error string kubelet matches). The host path must
-    exist (kubelet creates what it mounts); symbolic links in it are resolved. All mounts
-    are sorted by the depth of their container path (stable), so parents come first.
+    exist (kubelet creates what it mounts); symbolic links in it are resolved.
+    ``selinux_relabel`` is ignored (no SELinux support). All mounts are sorted by the depth
+    of their container path (stable), so parents come first.
 ``linux.devices`` / ``linux.resources.devices``
     Each CRI device: type, major, minor, mode and owner from ``stat`` of the host path
     (symbolic links followed); a directory gives every device below it (CRI-O). The device
@@ -344,7 +345,9 @@ def _env(
     user: ResolvedUser,
     extra_env: Mapping[str, str],
 ) -> list[str]:
-    env: dict[str, str] = {"PATH": defaults.DEFAULT_PATH, "HOSTNAME": sandbox.hostname}
+    env: dict[str, str] = {"PATH": defaults.DEFAULT_PATH}
+    if sandbox.hostname:
+        env["HOSTNAME"] = sandbox.hostname
     if spec.tty:
         env["TERM"] = "xterm"
     for item in _string_list(image.config.get("Env"), f"image {image.name}: config Env"):
@@ -409,9 +412,8 @@ def capabilities(
         raise InvalidArgument(
             f"{field}.add_ambient_capabilities: ALL is not accepted, name the capabilities"
         )
-    for name, sub in [(a, "add_capabilities") for a in adds] + [
-        (a, "add_ambient_capabilities") for a in ambient
-    ]:
+    checked = [] if sc.privileged else [(a, "add_capabilities") for a in adds]
+    for name, sub in checked + [(a, "add_ambient_capabilities") for a in ambient]:
         if name not in known:
             raise FailedPrecondition(
                 f"{field}.{sub}: {name} is not available on this host (the kernel does not "
@@ -433,7 +435,7 @@ def capabilities(
             }
         main |= set(adds) | set(ambient)
         main -= set(drops)
-    amb = set(ambient) - set(drops)
+    amb = set(ambient) if sc.privileged else set(ambient) - set(drops)
     main |= amb
 
     def ordered(values: set[str]) -> list[str]:

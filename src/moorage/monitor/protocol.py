@@ -24,8 +24,10 @@ from __future__ import annotations
 import binascii
 import json
 import os
-import signal
-from typing import Any
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 #: Bumped on any incompatible change of the request or the reply.
 PROTOCOL_VERSION = 1
@@ -150,13 +152,6 @@ def decode_exit(raw: bytes) -> dict[str, Any] | None:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def signal_name(sig: int) -> str:
-    try:
-        return signal.Signals(sig).name
-    except ValueError:
-        return f"signal {sig}"
 
 
 # -- OOM kills -------------------------------------------------------------------------------

@@ -26,7 +26,6 @@ import select
 import signal
 import socket
 import time
-from typing import Any, NoReturn
 
 from moorage.monitor import monitor
 from moorage.monitor.protocol import (
@@ -41,6 +40,10 @@ from moorage.monitor.protocol import (
     code_digest,
     request_problem,
 )
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, NoReturn
 
 #: A connection that has not sent its request line in this time is closed.
 REQUEST_TIMEOUT = 30.0
