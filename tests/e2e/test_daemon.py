@@ -56,9 +56,9 @@ def test_socket_mode_and_large_messages(daemon: Daemon) -> None:
 
 def test_unimplemented_rpcs_name_themselves(daemon: Daemon) -> None:
     with pytest.raises(grpc.RpcError) as e:
-        daemon.runtime.CreateContainer(pb.CreateContainerRequest())
+        daemon.runtime.PodSandboxStats(pb.PodSandboxStatsRequest())
     assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "RuntimeService.CreateContainer" in (e.value.details() or "")
+    assert "RuntimeService.PodSandboxStats" in (e.value.details() or "")
 
 
 def test_each_call_logs_one_event_with_ids(daemon: Daemon) -> None:

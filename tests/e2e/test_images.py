@@ -134,7 +134,7 @@ def test_list_stream_filter_and_fsinfo(daemon: Daemon, registry: Registry) -> No
     assert image_fs.used_bytes.value > 1_000_000  # busybox is ~1-2 MB unpacked
     assert image_fs.inodes_used.value > 10 and image_fs.timestamp > 0
     (container_fs,) = fs.container_filesystems
-    assert container_fs.fs_id.mountpoint == str(daemon.root / "containers")
+    assert container_fs.fs_id.mountpoint == str(daemon.root / "overlay")
 
 
 def test_remove_by_tag_then_id_shared_layers_and_gc(daemon: Daemon, registry: Registry) -> None:
