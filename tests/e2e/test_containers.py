@@ -409,3 +409,21 @@ def test_parallel_pods_with_containers(env: Env) -> None:
         cids = list(pool.map(one, range(10)))
     for cid in cids:
         assert env.wait_state(cid, pb.CONTAINER_RUNNING).state == pb.CONTAINER_RUNNING
+
+
+def test_lost_monitor_is_never_reported_running(env: Env) -> None:
+    """As after a reboot: no monitor and no exit status left for a container."""
+    pod = env.pod()
+    cid = env.run(pod, "orphan", ["sleep", "1000"])
+    env.wait_state(cid, pb.CONTAINER_RUNNING)
+    info = json.loads(env.status(cid, verbose=True).info["info"])
+    env.d.kill9()
+    os.kill(info["monitorPid"], 9)
+    os.kill(info["pid"], 9)
+    time.sleep(0.5)
+    env.d.start()
+    env.rt = env.d.runtime
+    st = env.status(cid).status
+    assert st.state == pb.CONTAINER_EXITED and st.exit_code != 0
+    assert "monitor" in st.message
+    env.rt.RemoveContainer(pb.RemoveContainerRequest(container_id=cid))
