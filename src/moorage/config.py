@@ -160,6 +160,14 @@ class Config(_Section):
         description="Runtime handlers by name (CRI runtime_handler); [runtimes.<name>] tables.",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _keep_default_handler(cls, data: Any) -> Any:
+        """[runtimes.<name>] tables add handlers to the built-in runc one (as CRI-O's)."""
+        if isinstance(data, dict) and isinstance(data.get("runtimes"), dict):
+            data = {**data, "runtimes": {"runc": {}, **data["runtimes"]}}
+        return data
+
     @model_validator(mode="after")
     def _default_runtime_known(self) -> Config:
         if self.runtime.default_runtime not in self.runtimes:
@@ -230,6 +238,8 @@ def _describe(error: ValidationError, sources: list[Path]) -> str:
         key = ".".join(str(p) for p in err["loc"])
         if err["type"] == "extra_forbidden":
             lines.append(f"unknown key {key!r}")
+        elif not key:
+            lines.append(str(err["msg"]).removeprefix("Value error, "))
         else:
             lines.append(f"key {key!r}: {err['msg']} (got {err.get('input')!r})")
     where = ", ".join(str(s) for s in sources) or "flags"

@@ -6,6 +6,7 @@ import concurrent.futures
 import json
 import os
 import re
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -427,3 +428,43 @@ def test_lost_monitor_is_never_reported_running(env: Env) -> None:
     assert st.state == pb.CONTAINER_EXITED and st.exit_code != 0
     assert "monitor" in st.message
     env.rt.RemoveContainer(pb.RemoveContainerRequest(container_id=cid))
+
+
+def test_second_runtime_handler(tmp_path: Path, node_ns: str, cni_dir: Path,
+                                registry: Registry, busybox_ref: str) -> None:
+    """A pod naming another configured handler runs under it (its own binary and root).
+
+    crun would be the natural second handler, but Debian 12's crun refuses cgroup v1
+    hybrid hosts such as these test machines; a second runc handler proves the wiring.
+    """
+    conf = _config(tmp_path)
+    runc = shutil.which("runc") or "/usr/sbin/runc"
+    alt_root = tmp_path / "alt-root"
+    conf.write_text(conf.read_text() + f'[runtimes.alt]\nruntime_path = "{runc}"\n'
+                    f'runtime_root = "{alt_root}"\n')
+    d = make_daemon(tmp_path, node_ns, cni_dir, ["--config", str(conf)])
+    d.registries_conf_text = insecure_conf(registry)
+    node, d.netns = d.netns, None
+    d.start()
+    d.images.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=busybox_ref)))
+    d.stop()
+    d.netns = node
+    d.start()
+    try:
+        env = Env(d, tmp_path, busybox_ref)
+        handlers = {h.name for h in d.runtime.Status(pb.StatusRequest()).runtime_handlers}
+        assert {"", "runc", "alt"} <= handlers
+        cfg = pb.PodSandboxConfig(
+            metadata=pb.PodSandboxMetadata(name="alt", namespace="ns", uid="u-alt"),
+            log_directory=str(tmp_path / "logs" / "alt"))
+        pod = d.runtime.RunPodSandbox(pb.RunPodSandboxRequest(
+            config=cfg, runtime_handler="alt")).pod_sandbox_id
+        env.last_pod_config = cfg
+        assert d.runtime.PodSandboxStatus(pb.PodSandboxStatusRequest(
+            pod_sandbox_id=pod)).status.runtime_handler == "alt"
+        cid = env.run(pod, "c", ["sleep", "100"])
+        env.wait_state(cid, pb.CONTAINER_RUNNING)
+        assert (alt_root / cid).is_dir()  # the alt handler's runc state dir
+        d.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod))
+    finally:
+        d.stop()

@@ -68,3 +68,12 @@ def test_render_round_trips(tmp_path: Path) -> None:
     assert "socket_mode = 0o600" in text
     again = config.load(_write(tmp_path / "r.toml", text), tmp_path)
     assert again == cfg
+
+
+def test_runtime_handlers_add_to_runc_and_default_must_exist(tmp_path: Path) -> None:
+    main = _write(tmp_path / "m.toml", '[runtimes.crun]\nruntime_path = "/usr/bin/crun"\n')
+    cfg = config.load(main, tmp_path)
+    assert set(cfg.runtimes) == {"runc", "crun"}
+    assert cfg.runtime_root("crun") == Path("/run/moorage/runtimes/crun")
+    with pytest.raises(config.ConfigError, match="'kata' is not a configured runtime handler"):
+        config.load(main, tmp_path, {"default_runtime": "kata"})

@@ -559,6 +559,54 @@ class Monitor:
             client.sock.close()
 
 
+def warm_up(rounds: int = 40) -> None:
+    """Run the monitor's steady-state code on dummy data, in the server, before any fork.
+
+    Python 3.11 rewrites ("quickens" and specializes) a function's bytecode in place during
+    its first executions, and builds attribute caches and shared dict keys on first use.
+    Done here once, those writes land in the server's pages, which every monitor shares;
+    done in each monitor, each would get its own copy of every page they touch.
+    """
+    req = {"id": "warm-up", "log_path": os.devnull, "log_max_line": 64, "state_dir": "/"}
+    out_r, out_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    mine, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+    chunks = (b"a line\n", b"two\nlines\n", b"x" * 200 + b"\n", b"partial ", b"more\n", b"tail")
+    try:
+        mine.setblocking(False)
+        peer.setblocking(False)
+        for _i in range(rounds):
+            mon = Monitor(req)
+            try:
+                mon.log_fd = null
+                mon.wake_r = wake_r
+                mon.outputs = {out_r: STREAM_STDOUT}
+                mon.clients = {mine.fileno(): _Client(mine)}
+                mon.ep.register(mine.fileno(), _IN)
+                for chunk in chunks:
+                    os.write(out_w, chunk)
+                    mon._dispatch(out_r, _IN)
+                    with contextlib.suppress(OSError):
+                        peer.recv(READ_SIZE)
+                mon._dispatch(out_r, _IN)  # nothing to read: EAGAIN
+                os.write(wake_w, b"x")
+                mon._dispatch(wake_r, _IN)  # no child: ChildProcessError
+                mon._flush_stale()
+                for splitter in mon.splitters.values():
+                    splitter.pending_since -= PARTIAL_FLUSH_NS
+                mon._flush_stale()
+                peer.send(b"input")
+                mon._dispatch(mine.fileno(), _IN)  # no stdin: dropped
+            finally:
+                mon.ep.close()
+    finally:
+        for fd in (out_r, out_w, wake_r, wake_w, null):
+            os.close(fd)
+        mine.close()
+        peer.close()
+
+
 def _reply(conn: socket.socket, data: bytes) -> None:
     try:
         conn.settimeout(5)

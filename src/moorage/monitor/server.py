@@ -244,7 +244,8 @@ def serve(runroot: str) -> NoReturn:
     except Exception as e:
         os.write(1, json.dumps({"error": f"monitor server: {e}"}).encode() + b"\n")
         os._exit(1)
-    # Everything a monitor needs is imported; keep it out of every later collection.
+    # Everything a monitor needs is imported and warm; keep it out of later collections.
+    monitor.warm_up()
     gc.collect()
     gc.freeze()
     answer = {"pid": os.getpid(), "digest": server.digest, "version": PROTOCOL_VERSION}
