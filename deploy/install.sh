@@ -30,9 +30,9 @@ git -C "$here" rev-parse HEAD > "$pkg/COMMIT" 2>/dev/null || rm -f "$pkg/COMMIT"
 
 install -d -m 0755 /etc/moorage /etc/moorage/moorage.d
 if [ ! -e /etc/moorage/moorage.toml ]; then
-  "$prefix/bin/moorage" --config /dev/null --config-dir /etc/moorage/moorage.d config \
-    > /etc/moorage/moorage.toml
+  install -m 0644 "$here/deploy/config/moorage.toml" /etc/moorage/moorage.toml
 fi
+[ -e /etc/crictl.yaml ] || install -m 0644 "$here/deploy/config/crictl.yaml" /etc/crictl.yaml
 if [ ! -e /etc/containers/registries.conf ]; then
   install -d -m 0755 /etc/containers
   install -m 0644 "$here/deploy/config/registries.conf" /etc/containers/registries.conf

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from moorage import CRI_API_VERSION, __version__, config
+from moorage import CRI_API_VERSION, __version__, config, log
 
 
 def _git_commit() -> str:
@@ -49,6 +49,12 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("run", help="run the daemon (the default)")
     sub.add_parser("config", help="print the effective configuration as commented TOML")
     sub.add_parser("version", help="print the version, CRI API version and git commit")
+    wipe = sub.add_parser("wipe", help="remove every pod and container (refused while the "
+                          "daemon runs)")
+    wipe.add_argument("--images", action="store_true", help="remove every image too")
+    status = sub.add_parser("status", help="ask the running daemon (over its socket)")
+    status.add_argument("what", choices=["info", "config", "containers"])
+    status.add_argument("id", nargs="?", help="container id or prefix, for 'containers'")
     return p
 
 
@@ -66,10 +72,30 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "config":
         sys.stdout.write(config.render(cfg))
         return 0
+    if args.command == "status":
+        from moorage import status
+
+        return status.main(cfg.api.listen, args.what, args.id)
+    if args.command == "wipe":
+        import asyncio
+
+        from moorage import daemon as daemon_
+
+        log.setup(cfg.log_level, cfg.log_format)
+        try:
+            pods, containers, images = asyncio.run(daemon_.wipe(cfg, args.images))
+        except daemon_.StartError as e:
+            print(f"moorage wipe: {e}", file=sys.stderr)
+            return 1
+        print(f"removed {pods} pods, {containers} containers, {images} images")
+        return 0
     from moorage import daemon  # grpc is imported only when the daemon runs
 
+    def reload() -> config.Config:
+        return config.load(args.config, args.config_dir, overrides)
+
     try:
-        daemon.run(cfg)
+        daemon.run(cfg, reload)
     except daemon.StartError as e:
         print(f"moorage: {e}", file=sys.stderr)
         return 1

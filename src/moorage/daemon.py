@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from moorage.server.image import ImageService
 from moorage.server.runtime import RuntimeService
 from moorage.storage import container_fs_usage
 from moorage.storage.overlay import ContainerStorage
+from moorage.util import systemd
 
 _log = log.get("moorage.daemon")
 
@@ -83,8 +85,11 @@ def _systemd_is_init() -> bool:
 
 
 class Daemon:
-    def __init__(self, cfg: config.Config) -> None:
+    def __init__(self, cfg: config.Config,
+                 reload: Callable[[], config.Config] | None = None) -> None:
         self.cfg = cfg
+        self._reload = reload
+        self._tasks: list[asyncio.Task[None]] = []
         self.server: grpc.aio.Server | None = None
         self._lock_fd = -1
         self._stopping = asyncio.Event()
@@ -94,11 +99,17 @@ class Daemon:
 
     async def start(self) -> None:
         cfg = self.cfg
-        self._lock_fd = _lock(cfg.runroot)
-        cfg.root.mkdir(parents=True, exist_ok=True, mode=0o711)
         listen = cfg.api.listen
         listen.parent.mkdir(parents=True, exist_ok=True, mode=0o711)
         _probe_socket(listen)
+        await self.build()
+        await self.serve_grpc()
+
+    async def build(self) -> None:
+        """Everything but the gRPC server: state loaded and reconciled (also for wipe)."""
+        cfg = self.cfg
+        self._lock_fd = _lock(cfg.runroot)
+        cfg.root.mkdir(parents=True, exist_ok=True, mode=0o711)
         try:
             reg_conf = registries.RegistriesConfig.load(cfg.image.registries_conf)
         except Exception as e:
@@ -157,6 +168,12 @@ class Daemon:
         await self.containers.recover()
         self.store.layers_in_use = self.containers.layers_in_use
         await self.store.collect()
+        self.puller = puller
+
+    async def serve_grpc(self) -> None:
+        cfg = self.cfg
+        listen = cfg.api.listen
+        overlay_dir = cfg.root / "overlay"
 
         async def container_fs() -> Any:
             return await container_fs_usage(overlay_dir)
@@ -165,11 +182,12 @@ class Daemon:
             ("grpc.max_receive_message_length", cfg.api.grpc_max_recv_msg_size),
             ("grpc.max_send_message_length", cfg.api.grpc_max_send_msg_size),
         ])
-        pb_grpc.add_RuntimeServiceServicer_to_server(
-            RuntimeService(cfg.runtime.cgroup_manager, self.info, self.sandboxes,
-                           self.containers, list(cfg.runtimes)), server)
+        self.runtime_service = RuntimeService(cfg.runtime.cgroup_manager, self.info,
+                                              self.sandboxes, self.containers,
+                                              list(cfg.runtimes))
+        pb_grpc.add_RuntimeServiceServicer_to_server(self.runtime_service, server)
         pb_grpc.add_ImageServiceServicer_to_server(
-            ImageService(self.store, puller, container_fs), server)
+            ImageService(self.store, self.puller, container_fs), server)
         old_umask = os.umask(0o777 & ~cfg.api.socket_mode)
         try:
             if server.add_insecure_port(f"unix:{listen}") == 0:
@@ -191,25 +209,108 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
         await self.start()
+        systemd.notify("READY=1")
+        interval = systemd.watchdog_interval()
+        if interval is not None:
+            self._tasks.append(loop.create_task(self._watchdog(interval)))
         await self._stopping.wait()
+        systemd.notify("STOPPING=1")
         await self.stop()
+
+    async def _watchdog(self, interval: float) -> None:
+        while True:
+            systemd.notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+    def request_reload(self) -> None:
+        self._tasks.append(asyncio.get_running_loop().create_task(self.reload()))
+
+    async def reload(self) -> None:
+        """SIGHUP: apply what can change live; say which other changes need a restart."""
+        if self._reload is None:
+            return
+        try:
+            new = await asyncio.to_thread(self._reload)
+        except config.ConfigError as e:
+            _log.error("daemon.reload_failed", error=str(e))
+            return
+        old, changed = self.cfg, []
+        if new.log_level != old.log_level or new.log_format != old.log_format:
+            log.setup(new.log_level, new.log_format)
+            changed.append("log_level")
+        # registries.conf is re-read whether or not its path changed.
+        try:
+            conf = await asyncio.to_thread(registries.RegistriesConfig.load,
+                                           new.image.registries_conf)
+        except Exception as e:
+            _log.error("daemon.reload_failed", key="image.registries_conf", error=str(e))
+            return
+        if conf != self.store.registries_conf:
+            self.store.registries_conf = conf
+            changed.append("image.registries_conf")
+        if new.runtimes != old.runtimes or new.runtime.default_runtime != (
+                old.runtime.default_runtime):
+            for name, handler in new.runtimes.items():
+                self.containers.runtimes.setdefault(name, OciRuntime(
+                    name, handler.runtime_path or name, new.runtime_root(name),
+                    systemd_cgroup=new.runtime.cgroup_manager == "systemd"))
+            self.sandboxes.handlers = set(new.runtimes)
+            self.sandboxes.default_handler = new.runtime.default_runtime
+            self.runtime_service.handlers = list(new.runtimes)
+            changed.append("runtimes")
+        live = {"log_level", "log_format", "image", "runtimes", "runtime"}
+        old_data, new_data = old.model_dump(), new.model_dump()
+        restart = sorted(k for k in new_data if k not in live and new_data[k] != old_data[k])
+        restart += sorted(f"runtime.{k}" for k, v in new_data["runtime"].items()
+                          if k != "default_runtime" and v != old_data["runtime"][k])
+        restart += sorted(f"image.{k}" for k, v in new_data["image"].items()
+                          if k != "registries_conf" and v != old_data["image"][k])
+        self.cfg = new.model_copy(update={k: getattr(old, k) for k in ("api", "root", "runroot",
+                                                                       "network")})
+        _log.info("daemon.reloaded", changed=changed, needs_restart=restart)
 
     async def stop(self) -> None:
         _log.info("daemon.stopping")
+        for task in self._tasks:
+            task.cancel()
         if self.server is not None:
             await self.server.stop(grace=5)
         with contextlib.suppress(AttributeError):
             await self.client.close()
         with contextlib.suppress(AttributeError):
             await self.monitor.close()
-        self.cfg.api.listen.unlink(missing_ok=True)
+        if self.server is not None:
+            self.cfg.api.listen.unlink(missing_ok=True)
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
         _log.info("daemon.stopped")
 
 
-def run(cfg: config.Config) -> None:
+async def wipe(cfg: config.Config, images: bool) -> tuple[int, int, int]:
+    """Remove every pod and container (and image): the node starts clean. Refused (by the
+    state lock) while a daemon runs."""
+    d = Daemon(cfg)
+    await d.build()
+    try:
+        pods = d.sandboxes.select()
+        containers = d.containers.select()
+        for c in containers:
+            await d.containers.remove(c.id)
+        for sb in pods:
+            await d.sandboxes.remove(sb.id)
+        removed_images = 0
+        if images:
+            for image in d.store.images():
+                await d.store.remove(image.id)
+                removed_images += 1
+        return len(pods), len(containers), removed_images
+    finally:
+        await d.stop()
+
+
+def run(cfg: config.Config, reload: Callable[[], config.Config] | None = None) -> None:
     log.setup(cfg.log_level, cfg.log_format)
-    asyncio.run(Daemon(cfg).serve())
+    asyncio.run(Daemon(cfg, reload).serve())

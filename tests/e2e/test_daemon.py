@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -138,3 +140,40 @@ def test_json_log_format(tmp_path: Path) -> None:
     events = [json.loads(ln) for ln in d.log_path.read_text().splitlines() if ln.startswith("{")]
     calls = [e for e in events if e.get("event") == "cri.call"]
     assert calls and calls[0]["method"] == "Version" and calls[0]["code"] == "OK"
+
+
+def test_sighup_reloads_live_options(tmp_path: Path) -> None:
+    d = Daemon(tmp_path / "d").start()
+    try:
+        drop = d.base / "moorage.d" / "50-reload.toml"
+        drop.write_text('log_level = "warning"\n[runtimes.alt]\nruntime_path = "runc"\n'
+                        "[image]\nmax_concurrent_downloads = 7\n")
+        assert d.proc is not None
+        d.proc.send_signal(signal.SIGHUP)
+        for _ in range(100):
+            handlers = {h.name for h in d.runtime.Status(pb.StatusRequest()).runtime_handlers}
+            if "alt" in handlers:
+                break
+            time.sleep(0.05)
+        assert "alt" in handlers
+        text = d.log_path.read_text()
+        assert "daemon.reloaded" in text and "image.max_concurrent_downloads" in text
+    finally:
+        d.stop()
+
+
+def test_sd_notify_ready(tmp_path: Path) -> None:
+    notify = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(notify))
+    sock.settimeout(20)
+    os.environ["NOTIFY_SOCKET"] = str(notify)
+    try:
+        d = Daemon(tmp_path / "d").start()
+    finally:
+        del os.environ["NOTIFY_SOCKET"]
+    try:
+        assert sock.recv(100) == b"READY=1"
+    finally:
+        d.stop()
+        sock.close()
