@@ -45,6 +45,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cni-config-dir", type=Path, help="CNI network config dir")
     p.add_argument("--cni-plugin-dir", type=Path, action="append",
                    help="CNI plugin dir (repeatable; replaces the configured list)")
+    p.add_argument("--enable-metrics", action="store_const", const=True, default=None,
+                   help="serve Prometheus metrics (GET /metrics)")
+    p.add_argument("--metrics-host", help="address of the metrics endpoint (127.0.0.1)")
+    p.add_argument("--metrics-port", type=int, help="port of the metrics endpoint (9090)")
     sub = p.add_subparsers(dest="command")
     sub.add_parser("run", help="run the daemon (the default)")
     sub.add_parser("config", help="print the effective configuration as commented TOML")

@@ -135,6 +135,22 @@ class ImageConfig(_Section):
     )
 
 
+class MetricsConfig(_Section):
+    enable: bool = Field(
+        False, description="Serve Prometheus metrics over HTTP (flag --enable-metrics)."
+    )
+    host: str = Field(
+        "127.0.0.1",
+        description="Address the metrics endpoint listens on; loopback by default "
+        "(flag --metrics-host).",
+    )
+    port: int = Field(
+        9090, ge=0, le=65535,
+        description="Port of the metrics endpoint, GET /metrics; 0 picks a free one "
+        "(flag --metrics-port).",
+    )
+
+
 class Config(_Section):
     root: Path = Field(
         Path("/var/lib/moorage"),
@@ -155,6 +171,7 @@ class Config(_Section):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     image: ImageConfig = Field(default_factory=ImageConfig)
     network: NetworkConfig = Field(default_factory=NetworkConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     runtimes: dict[str, RuntimeHandler] = Field(
         default_factory=lambda: {"runc": RuntimeHandler()},
         description="Runtime handlers by name (CRI runtime_handler); [runtimes.<name>] tables.",
@@ -201,6 +218,9 @@ FLAG_KEYS: dict[str, str] = {
     "default_runtime": "runtime.default_runtime",
     "cni_config_dir": "network.cni_config_dir",
     "cni_plugin_dir": "network.cni_plugin_dirs",
+    "enable_metrics": "metrics.enable",
+    "metrics_host": "metrics.host",
+    "metrics_port": "metrics.port",
 }
 
 

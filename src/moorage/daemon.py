@@ -16,11 +16,12 @@ from typing import Any
 
 import grpc
 
-from moorage import __version__, config, log
+from moorage import __version__, config, log, metrics
 from moorage.container.manager import ContainerManager
 from moorage.container.manager import Paths as ContainerPaths
 from moorage.container.spec import SpecOptions
 from moorage.cri.v1 import api_pb2_grpc as pb_grpc
+from moorage.events import ContainerEvent, EventBroadcaster, watch_containers
 from moorage.image import registries
 from moorage.image.pull import Puller
 from moorage.image.registry import RegistryClient
@@ -91,6 +92,8 @@ class Daemon:
         self._reload = reload
         self._tasks: list[asyncio.Task[None]] = []
         self.server: grpc.aio.Server | None = None
+        self.metrics_server: metrics.MetricsServer | None = None
+        self.events = EventBroadcaster[ContainerEvent](on_lost=metrics.record_events_lost)
         self._lock_fd = -1
         self._stopping = asyncio.Event()
 
@@ -164,6 +167,8 @@ class Daemon:
             memory_cgroup_root=Path(memory_root) if memory_root else None,
             log_max_line=cfg.runtime.log_max_line_size,
         )
+        watch_containers(self.events, self.containers, self.sandboxes)
+        metrics.track_containers(self.containers, self.events)
         await self.sandboxes.recover()
         await self.containers.recover()
         self.store.layers_in_use = self.containers.layers_in_use
@@ -184,7 +189,7 @@ class Daemon:
         ])
         self.runtime_service = RuntimeService(cfg.runtime.cgroup_manager, self.info,
                                               self.sandboxes, self.containers,
-                                              list(cfg.runtimes))
+                                              list(cfg.runtimes), self.events)
         pb_grpc.add_RuntimeServiceServicer_to_server(self.runtime_service, server)
         pb_grpc.add_ImageServiceServicer_to_server(
             ImageService(self.store, self.puller, container_fs), server)
@@ -197,6 +202,13 @@ class Daemon:
             os.umask(old_umask)
         os.chmod(listen, cfg.api.socket_mode)
         self.server = server
+        if cfg.metrics.enable:
+            self.metrics_server = metrics.MetricsServer(cfg.metrics.host, cfg.metrics.port)
+            try:
+                await self.metrics_server.start()
+            except OSError as e:
+                raise StartError(f"metrics endpoint {cfg.metrics.host}:{cfg.metrics.port}: "
+                                 f"{e.strerror or e}") from e
         _log.info("daemon.started", listen=str(listen), version=__version__, root=str(cfg.root),
                   runroot=str(cfg.runroot), images=len(self.store.images()),
                   sandboxes=len(self.sandboxes.select()),
@@ -275,6 +287,9 @@ class Daemon:
         _log.info("daemon.stopping")
         for task in self._tasks:
             task.cancel()
+        self.events.close()  # ends GetContainerEvents streams, so the grace is not waited out
+        if self.metrics_server is not None:
+            await self.metrics_server.stop()
         if self.server is not None:
             await self.server.stop(grace=5)
         with contextlib.suppress(AttributeError):

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from moorage import log
+from moorage import log, metrics
 from moorage.errors import (
     DataLoss,
     FailedPrecondition,
@@ -106,6 +106,21 @@ class Puller:
     async def _pull(
         self, ref_text: str, candidates: list[Reference], creds: Credentials | None
     ) -> Image:
+        try:
+            image, downloaded, fetched, present = await self._pull_once(
+                ref_text, candidates, creds)
+        except MoorageError as e:
+            metrics.record_image_pull_failure(e.code)
+            raise
+        metrics.record_image_pull(downloaded_bytes=downloaded, layers_downloaded=fetched,
+                                  layers_present=present)
+        return image
+
+    async def _pull_once(
+        self, ref_text: str, candidates: list[Reference], creds: Credentials | None
+    ) -> tuple[Image, int, int, int]:
+        """The pull; also returns the bytes downloaded (compressed config and layers) and
+        how many layers were downloaded or already present."""
         resolved = await self._resolve(ref_text, candidates, creds)
         source, desc = resolved.source, resolved.manifest.config
         log_ = _log.bind(image=str(resolved.wanted), source=source.endpoint.location)
@@ -130,12 +145,12 @@ class Puller:
             compression_for_media_type(layer.media_type)  # refuse unknown types up front
         for diff_id in config.diff_ids:
             self.store.holds[diff_id] = self.store.holds.get(diff_id, 0) + 1
+        missing = [(layer, diff_id)
+                   for layer, diff_id in zip(layers, config.diff_ids, strict=True)
+                   if not self.store.has_layer(diff_id)]
         try:
-            await asyncio.gather(*(
-                self._layer(source, layer, diff_id, creds)
-                for layer, diff_id in zip(layers, config.diff_ids, strict=True)
-                if not self.store.has_layer(diff_id)
-            ))
+            await asyncio.gather(*(self._layer(source, layer, diff_id, creds)
+                                   for layer, diff_id in missing))
             wanted = resolved.wanted
             repo_tag = f"{wanted.name}:{wanted.tag}" if wanted.tag else None
             size = desc.size + sum(layer.size for layer in layers)
@@ -151,7 +166,8 @@ class Puller:
                 else:
                     del self.store.holds[diff_id]
         log_.info("image.pulled", id=image.id, layers=len(layers))
-        return image
+        downloaded = desc.size + sum(layer.size for layer, _ in missing)
+        return image, downloaded, len(missing), len(layers) - len(missing)
 
     async def _resolve(
         self, ref_text: str, candidates: list[Reference], creds: Credentials | None

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.message import Message
 
-from moorage import log
+from moorage import log, metrics
 from moorage.errors import MoorageError
 
 _log = log.get("moorage.cri")
@@ -56,7 +56,9 @@ def _code(error: MoorageError) -> grpc.StatusCode:
 
 def _finish(method: str, ids: dict[str, str], start: float, code: grpc.StatusCode,
             error: str | None = None) -> None:
-    ms = round((time.perf_counter() - start) * 1000, 3)
+    seconds = time.perf_counter() - start
+    metrics.record_operation(method, code.name, seconds)
+    ms = round(seconds * 1000, 3)
     fields: dict[str, Any] = {"method": method, **ids, "duration_ms": ms, "code": code.name}
     if error is not None:
         fields["error"] = error

@@ -15,17 +15,19 @@ from moorage.container.manager import ContainerManager
 from moorage.cri.v1 import api_pb2 as pb
 from moorage.cri.v1 import api_pb2_grpc as pb_grpc
 from moorage.errors import InvalidArgument
+from moorage.events import ContainerEvent, EventBroadcaster
 from moorage.sandbox.manager import SandboxManager
 from moorage.server.container import ContainerRpcs
 from moorage.server.rpc import Ctx, fill_unimplemented, unary
 from moorage.server.sandbox import SandboxRpcs
+from moorage.server.stats import StatsRpcs
 
 RUNTIME_NAME = "moorage"
 #: The kubelet-facing API version field of VersionResponse, fixed by the CRI.
 KUBE_API_VERSION = "0.1.0"
 
 
-class RuntimeService(SandboxRpcs, ContainerRpcs, pb_grpc.RuntimeServiceServicer):
+class RuntimeService(StatsRpcs, SandboxRpcs, ContainerRpcs, pb_grpc.RuntimeServiceServicer):
     def __init__(
         self,
         cgroup_manager: str,
@@ -33,8 +35,10 @@ class RuntimeService(SandboxRpcs, ContainerRpcs, pb_grpc.RuntimeServiceServicer)
         sandboxes: SandboxManager,
         containers: ContainerManager,
         handlers: list[str],
+        events: EventBroadcaster[ContainerEvent],
     ) -> None:
         self.containers = containers
+        self.events = events
         self.cgroup_manager = cgroup_manager
         self.info = info
         self.sandboxes = sandboxes
