@@ -93,3 +93,25 @@ def busybox_image() -> Image:
     if not BUSYBOX.exists():
         pytest.skip(f"{BUSYBOX} is missing (Debian package busybox-static)")
     return Image.busybox()
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_processes(tmp_path: Path) -> Iterator[None]:
+    """Kill what a test's daemons left running in its temp dir: monitor servers and
+    monitors outlive the daemon by design, so a test's end must reap them."""
+    yield
+    import contextlib
+    import os
+    import signal
+
+    prefix = str(tmp_path)
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cwd = os.readlink(f"/proc/{entry}/cwd")
+        except OSError:
+            continue
+        if cwd == prefix or cwd.startswith(prefix + "/"):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry), signal.SIGKILL)
