@@ -35,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="drop-in dir, *.toml in lexical order "
                    f"(default {config.DEFAULT_CONFIG_DIR})")
     p.add_argument("--listen", type=Path, help="unix socket path for the CRI server")
+    p.add_argument("--stream-address", help="address of the exec/attach/port-forward server")
+    p.add_argument("--stream-port", type=int, help="its TCP port (0: a free one)")
     p.add_argument("--root", type=Path, help="persistent state directory")
     p.add_argument("--runroot", type=Path, help="volatile state directory")
     p.add_argument("--registries-conf", type=Path, help="containers-registries.conf(5) file")

@@ -51,6 +51,27 @@ class ApiConfig(_Section):
     grpc_max_send_msg_size: int = Field(
         80 * MIB, ge=16 * MIB, description="Largest gRPC message sent, in bytes."
     )
+    stream_address: str = Field(
+        "127.0.0.1",
+        description="Address of the streaming server, whose URLs Exec, Attach and PortForward "
+        "return (flag --stream-address).",
+    )
+    stream_port: int = Field(
+        0, ge=0, le=65535,
+        description="TCP port of the streaming server; 0 picks a free one (flag --stream-port).",
+    )
+    stream_tls_cert: Path | None = Field(
+        None,
+        description="PEM certificate: with stream_tls_key, the streaming server speaks TLS "
+        "(https URLs).",
+    )
+    stream_tls_key: Path | None = Field(None, description="PEM private key of stream_tls_cert.")
+
+    @model_validator(mode="after")
+    def _stream_tls_pair(self) -> ApiConfig:
+        if (self.stream_tls_cert is None) != (self.stream_tls_key is None):
+            raise ValueError("api.stream_tls_cert and api.stream_tls_key go together")
+        return self
 
 
 class RuntimeHandler(_Section):
@@ -209,6 +230,8 @@ class Config(_Section):
 #: Command-line flags that override a key, as CRI-O names them: flag -> dotted key.
 FLAG_KEYS: dict[str, str] = {
     "listen": "api.listen",
+    "stream_address": "api.stream_address",
+    "stream_port": "api.stream_port",
     "root": "root",
     "runroot": "runroot",
     "registries_conf": "image.registries_conf",

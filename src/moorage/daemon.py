@@ -35,6 +35,8 @@ from moorage.server.image import ImageService
 from moorage.server.runtime import RuntimeService
 from moorage.storage import container_fs_usage
 from moorage.storage.overlay import ContainerStorage
+from moorage.streaming import StreamingConfig, StreamingServer
+from moorage.streaming.backend import ContainerBackend
 from moorage.util import systemd
 
 _log = log.get("moorage.daemon")
@@ -183,13 +185,22 @@ class Daemon:
         async def container_fs() -> Any:
             return await container_fs_usage(overlay_dir)
 
+        self.streaming = StreamingServer(ContainerBackend(self.containers), StreamingConfig(
+            address=cfg.api.stream_address, port=cfg.api.stream_port,
+            tls_cert=cfg.api.stream_tls_cert, tls_key=cfg.api.stream_tls_key))
+        try:
+            await self.streaming.start()
+        except (OSError, ValueError) as e:
+            raise StartError(f"streaming server on {cfg.api.stream_address}:"
+                             f"{cfg.api.stream_port}: {e}") from e
         server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", cfg.api.grpc_max_recv_msg_size),
             ("grpc.max_send_message_length", cfg.api.grpc_max_send_msg_size),
         ])
         self.runtime_service = RuntimeService(cfg.runtime.cgroup_manager, self.info,
                                               self.sandboxes, self.containers,
-                                              list(cfg.runtimes), self.events)
+                                              list(cfg.runtimes), self.events,
+                                              self.streaming)
         pb_grpc.add_RuntimeServiceServicer_to_server(self.runtime_service, server)
         pb_grpc.add_ImageServiceServicer_to_server(
             ImageService(self.store, self.puller, container_fs), server)
@@ -292,6 +303,8 @@ class Daemon:
             await self.metrics_server.stop()
         if self.server is not None:
             await self.server.stop(grace=5)
+        with contextlib.suppress(AttributeError):
+            await self.streaming.stop()  # ends every session, killing its exec
         with contextlib.suppress(AttributeError):
             await self.client.close()
         with contextlib.suppress(AttributeError):

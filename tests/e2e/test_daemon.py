@@ -69,7 +69,7 @@ def test_second_daemon_refused_and_stale_socket_replaced(tmp_path: Path) -> None
         second = subprocess.run(Daemon(tmp_path / "d").args(), capture_output=True, text=True,
                                 timeout=60)
         assert second.returncode == 1
-        assert "another moorage daemon is running" in second.stderr
+        assert "another daemon is already serving" in second.stderr
     finally:
         first.kill9()
     # kill -9 leaves the socket file behind: the next start replaces it.

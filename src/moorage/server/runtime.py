@@ -21,13 +21,16 @@ from moorage.server.container import ContainerRpcs
 from moorage.server.rpc import Ctx, fill_unimplemented, unary
 from moorage.server.sandbox import SandboxRpcs
 from moorage.server.stats import StatsRpcs
+from moorage.server.streaming import StreamingRpcs
+from moorage.streaming import StreamingServer
 
 RUNTIME_NAME = "moorage"
 #: The kubelet-facing API version field of VersionResponse, fixed by the CRI.
 KUBE_API_VERSION = "0.1.0"
 
 
-class RuntimeService(StatsRpcs, SandboxRpcs, ContainerRpcs, pb_grpc.RuntimeServiceServicer):
+class RuntimeService(StatsRpcs, SandboxRpcs, ContainerRpcs, StreamingRpcs,
+                     pb_grpc.RuntimeServiceServicer):
     def __init__(
         self,
         cgroup_manager: str,
@@ -36,7 +39,9 @@ class RuntimeService(StatsRpcs, SandboxRpcs, ContainerRpcs, pb_grpc.RuntimeServi
         containers: ContainerManager,
         handlers: list[str],
         events: EventBroadcaster[ContainerEvent],
+        streaming: StreamingServer,
     ) -> None:
+        self.streaming = streaming
         self.containers = containers
         self.events = events
         self.cgroup_manager = cgroup_manager

@@ -1,0 +1,85 @@
+"""A streaming attach: a client joined to the container's monitor.
+
+The monitor (see ``docs/monitor.md``) serves a ``SOCK_SEQPACKET`` attach socket in the
+container's state directory: each packet it sends is one stream byte (1 stdout, 2 stderr)
+and the bytes the container wrote from then on; each packet it receives is stdin; our
+``shutdown(SHUT_WR)`` detaches stdin (and closes the container's stdin when it was created
+with ``stdin_once``); an empty read means the container has exited, or the monitor dropped
+us for not keeping up (it never blocks the container on a slow client). Terminal resizes go
+to the monitor's control socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from moorage.errors import MoorageError
+from moorage.monitor.client import open_attach
+from moorage.monitor.protocol import STREAM_STDERR
+from moorage.streaming.api import BackendError, Stdio
+
+#: The monitor reads at most 8 KiB of a packet (the rest of a longer one would be lost).
+STDIN_PACKET = 4096
+#: Packets from the monitor are at most 64 KiB and a stream byte.
+RECV_SIZE = 128 * 1024
+
+Resize = Callable[[int, int], Awaitable[None]]
+
+
+async def run_attach(state_dir: Path, stdio: Stdio, resize: Resize | None = None) -> None:
+    """Copy until the container exits (or the monitor drops us); cancellation detaches."""
+    try:
+        sock = await open_attach(state_dir)
+    except MoorageError as e:
+        raise BackendError(e.message) from None
+    except OSError as e:
+        raise BackendError(f"cannot attach: {e.strerror or e}") from None
+    loop = asyncio.get_running_loop()
+
+    async def output() -> None:
+        while True:
+            try:
+                packet = await loop.sock_recv(sock, RECV_SIZE)
+            except OSError:
+                return
+            if not packet:
+                return
+            writer = stdio.stderr if packet[0] == STREAM_STDERR else stdio.stdout
+            if writer is None and stdio.tty:
+                writer = stdio.stdout
+            if writer is not None and len(packet) > 1:
+                await writer.write(packet[1:])
+
+    async def stdin() -> None:
+        assert stdio.stdin is not None
+        while data := await stdio.stdin.read():
+            for off in range(0, len(data), STDIN_PACKET):
+                await loop.sock_sendall(sock, data[off:off + STDIN_PACKET])
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_WR)
+
+    async def resizes() -> None:
+        assert stdio.resizes is not None and resize is not None
+        async for size in stdio.resizes:
+            if size.width and size.height:
+                with contextlib.suppress(MoorageError, OSError):
+                    await resize(size.width, size.height)
+
+    helpers: list[asyncio.Future[None]] = []
+    try:
+        if stdio.stdin is not None:
+            helpers.append(asyncio.ensure_future(stdin()))
+        if stdio.tty and stdio.resizes is not None and resize is not None:
+            helpers.append(asyncio.ensure_future(resizes()))
+        await output()
+    finally:
+        for task in helpers:
+            task.cancel()
+        for task in helpers:
+            with contextlib.suppress(BaseException):
+                await task
+        sock.close()

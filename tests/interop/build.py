@@ -1,0 +1,33 @@
+"""Builds the Go interop programs of this directory, offline, with Debian's Go and
+spdystream (``golang-go``, ``golang-github-docker-spdystream-dev``)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+HERE = Path(__file__).parent
+GOPATH = Path("/usr/share/gocode")
+SPDYSTREAM = GOPATH / "src/github.com/moby/spdystream"
+GO = shutil.which("go") or "/usr/lib/go/bin/go"
+
+
+def missing() -> str | None:
+    """Why the Go programs cannot be built here (None: they can)."""
+    if not os.path.exists(GO):
+        return "needs Go (Debian package golang-go)"
+    if not SPDYSTREAM.is_dir():
+        return "needs spdystream (Debian package golang-github-docker-spdystream-dev)"
+    return None
+
+
+def build(name: str, out_dir: Path) -> Path:
+    """``tests/interop/<name>`` built as ``out_dir/<name>``."""
+    out = out_dir / name
+    env = {**os.environ, "GO111MODULE": "off", "GOPATH": str(GOPATH),
+           "GOCACHE": str(out_dir / "gocache"), "CGO_ENABLED": "0", "GOPROXY": "off"}
+    subprocess.run([GO, "build", "-o", str(out), "."], cwd=HERE / name, env=env, check=True,
+                   capture_output=True, timeout=300)
+    return out

@@ -1,0 +1,275 @@
+// spdyclient: an independent SPDY/3.1 client of moorage's streaming server, built on
+// Debian's golang-github-docker-spdystream-dev (the library client-go uses). It does what
+// client-go's SPDY executor and kubectl's port-forward do:
+//
+//   - POST the URL with Connection/Upgrade: SPDY/3.1 and X-Stream-Protocol-Version
+//     (v4, v3, v2, channel.k8s.io, or portforward.k8s.io), expect 101;
+//   - exec/attach: create the error stream, then stdin, stdout, stderr and resize
+//     (each waits for its SYN_REPLY); copy our stdin up (FIN at EOF), the output down,
+//     send resizes as JSON, read the error stream to EOF and decode the v4 status;
+//   - portforward: per connection an error stream (closed at once) and a data stream with
+//     the same requestID; write the request, half-close, read to EOF, read the error.
+//
+// The outcome goes to -result as JSON. Build: GO111MODULE=off GOPATH=/usr/share/gocode.
+package main
+
+import (
+	"bufio"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"os/signal"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/moby/spdystream"
+)
+
+var (
+	rawURL    = flag.String("url", "", "streaming URL")
+	mode      = flag.String("mode", "exec", "exec (also attach) or portforward")
+	protocols = flag.String("protocols", "v4.channel.k8s.io,v3.channel.k8s.io,v2.channel.k8s.io,channel.k8s.io", "offered protocols")
+	stdin     = flag.Bool("stdin", false, "open a stdin stream (copied from our stdin)")
+	stdout    = flag.Bool("stdout", true, "open a stdout stream")
+	stderr    = flag.Bool("stderr", false, "open a stderr stream")
+	tty       = flag.Bool("tty", false, "open a resize stream")
+	sizes     = flag.String("sizes", "", "WxH,...: the first is sent at once, the next on each SIGUSR1")
+	count     = flag.Bool("count", false, "count stdout bytes instead of copying them")
+	result    = flag.String("result", "", "file for the JSON outcome")
+	port      = flag.Int("port", 0, "portforward: the port")
+	conns     = flag.Int("conns", 1, "portforward: parallel connections")
+	request   = flag.String("request", "GET / HTTP/1.0\r\n\r\n", "portforward: bytes to send")
+)
+
+type outcome struct {
+	HTTPStatus int               `json:"http_status"`
+	Protocol   string            `json:"protocol"`
+	Accepted   []string          `json:"accepted,omitempty"`
+	Status     json.RawMessage   `json:"status,omitempty"`
+	ErrorText  string            `json:"error_text,omitempty"`
+	StdoutLen  int64             `json:"stdout_len"`
+	StderrLen  int64             `json:"stderr_len"`
+	Conns      []connResult      `json:"conns,omitempty"`
+	Failure    string            `json:"failure,omitempty"`
+	Extra      map[string]string `json:"extra,omitempty"`
+}
+
+type connResult struct {
+	Len    int    `json:"len"`
+	Sha256 string `json:"sha256"`
+	Head   string `json:"head"`
+	Error  string `json:"error"`
+}
+
+var out outcome
+
+func finish(code int) {
+	data, _ := json.Marshal(out)
+	if *result != "" {
+		_ = os.WriteFile(*result, data, 0o644)
+	} else {
+		fmt.Fprintln(os.Stderr, string(data))
+	}
+	os.Exit(code)
+}
+
+func fail(format string, args ...interface{}) {
+	out.Failure = fmt.Sprintf(format, args...)
+	finish(1)
+}
+
+func upgrade() *spdystream.Connection {
+	u, err := url.Parse(*rawURL)
+	if err != nil {
+		fail("url: %v", err)
+	}
+	conn, err := net.DialTimeout("tcp", u.Host, 10*time.Second)
+	if err != nil {
+		fail("dial: %v", err)
+	}
+	req, _ := http.NewRequest("POST", *rawURL, nil)
+	req.Header.Set("Connection", "Upgrade")
+	req.Header.Set("Upgrade", "SPDY/3.1")
+	for _, p := range strings.Split(*protocols, ",") {
+		req.Header.Add("X-Stream-Protocol-Version", p)
+	}
+	if err := req.Write(conn); err != nil {
+		fail("write request: %v", err)
+	}
+	br := bufio.NewReader(conn)
+	resp, err := http.ReadResponse(br, req)
+	if err != nil {
+		fail("read response: %v", err)
+	}
+	out.HTTPStatus = resp.StatusCode
+	out.Protocol = resp.Header.Get("X-Stream-Protocol-Version")
+	out.Accepted = resp.Header.Values("X-Accepted-Stream-Protocol-Versions")
+	if resp.StatusCode != http.StatusSwitchingProtocols {
+		body, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+		out.ErrorText = string(body)
+		finish(2)
+	}
+	if br.Buffered() > 0 {
+		fail("server sent %d bytes before the client's first frame", br.Buffered())
+	}
+	sc, err := spdystream.NewConnection(conn, false)
+	if err != nil {
+		fail("spdy: %v", err)
+	}
+	go sc.Serve(spdystream.NoOpStreamHandler)
+	return sc
+}
+
+func create(sc *spdystream.Connection, h http.Header) *spdystream.Stream {
+	s, err := sc.CreateStream(h, nil, false)
+	if err != nil {
+		fail("create stream %v: %v", h, err)
+	}
+	if err := s.WaitTimeout(30 * time.Second); err != nil {
+		fail("stream %v not accepted: %v", h, err)
+	}
+	return s
+}
+
+func sizeJSON(s string) []byte {
+	var w, h int
+	fmt.Sscanf(s, "%dx%d", &w, &h)
+	data, _ := json.Marshal(map[string]int{"Width": w, "Height": h})
+	return data
+}
+
+func remoteCommand() {
+	sc := upgrade()
+	typ := func(t string) http.Header { return http.Header{"Streamtype": []string{t}} }
+	errorStream := create(sc, typ("error"))
+	var in, so, se, rs *spdystream.Stream
+	if *stdin {
+		in = create(sc, typ("stdin"))
+	}
+	if *stdout {
+		so = create(sc, typ("stdout"))
+	}
+	if *stderr {
+		se = create(sc, typ("stderr"))
+	}
+	if *tty && out.Protocol != "v2.channel.k8s.io" && out.Protocol != "channel.k8s.io" {
+		rs = create(sc, typ("resize"))
+	}
+	errc := make(chan []byte, 1)
+	go func() { data, _ := io.ReadAll(errorStream); errc <- data }()
+	if rs != nil && *sizes != "" {
+		list := strings.Split(*sizes, ",")
+		rs.Write(sizeJSON(list[0]))
+		usr1 := make(chan os.Signal, 4)
+		signal.Notify(usr1, syscall.SIGUSR1)
+		go func() {
+			for _, s := range list[1:] {
+				<-usr1
+				rs.Write(sizeJSON(s))
+			}
+		}()
+	}
+	if in != nil {
+		go func() {
+			io.Copy(in, os.Stdin)
+			in.Close()
+		}()
+	}
+	var wg sync.WaitGroup
+	copyDown := func(s *spdystream.Stream, w io.Writer, n *int64) {
+		defer wg.Done()
+		if *count {
+			w = io.Discard
+		}
+		*n, _ = io.Copy(w, s)
+	}
+	if so != nil {
+		wg.Add(1)
+		go copyDown(so, os.Stdout, &out.StdoutLen)
+	}
+	if se != nil {
+		wg.Add(1)
+		go copyDown(se, os.Stderr, &out.StderrLen)
+	}
+	wg.Wait()
+	status := <-errc
+	if out.Protocol == "v4.channel.k8s.io" {
+		if len(status) > 0 && !json.Valid(status) {
+			fail("status is not JSON: %q", status)
+		}
+		out.Status = status
+	} else {
+		out.ErrorText = string(status)
+	}
+	sc.Close()
+	finish(0)
+}
+
+func portForward() {
+	sc := upgrade()
+	out.Conns = make([]connResult, *conns)
+	var wg sync.WaitGroup
+	var mu sync.Mutex // stream creation is sequential in kubectl too (one at a time)
+	for i := 0; i < *conns; i++ {
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			h := http.Header{}
+			h.Set("Port", strconv.Itoa(*port))
+			h.Set("Requestid", strconv.Itoa(i))
+			h.Set("Streamtype", "error")
+			mu.Lock()
+			es := create(sc, h.Clone())
+			es.Close()
+			h.Set("Streamtype", "data")
+			ds := create(sc, h)
+			mu.Unlock()
+			errc := make(chan []byte, 1)
+			go func() { data, _ := io.ReadAll(es); errc <- data }()
+			ds.Write([]byte(*request))
+			ds.Close()
+			body, _ := io.ReadAll(ds)
+			sum := sha256.Sum256(body)
+			head := string(body)
+			if j := strings.Index(head, "\r\n"); j >= 0 {
+				head = head[:j]
+			}
+			res := connResult{Len: len(body), Sha256: hex.EncodeToString(sum[:]), Head: head}
+			select {
+			case e := <-errc:
+				res.Error = string(e)
+			case <-time.After(10 * time.Second):
+				res.Error = "(error stream not closed)"
+			}
+			ds.Reset()
+			es.Reset()
+			out.Conns[i] = res
+		}(i)
+	}
+	wg.Wait()
+	sc.Close()
+	finish(0)
+}
+
+func main() {
+	flag.Parse()
+	if *mode == "portforward" {
+		explicit := false
+		flag.Visit(func(f *flag.Flag) { explicit = explicit || f.Name == "protocols" })
+		if !explicit {
+			*protocols = "portforward.k8s.io"
+		}
+		portForward()
+	}
+	remoteCommand()
+}
