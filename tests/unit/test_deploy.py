@@ -18,7 +18,8 @@ DEPLOY = ROOT / "deploy"
 def test_documented_config_is_the_defaults(tmp_path: Path) -> None:
     defaults = config.load(Path("/dev/null"), tmp_path)
     text = (DEPLOY / "config/moorage.toml").read_text()
-    assert text == config.render(defaults), "regenerate with: moorage --config /dev/null config"
+    assert text == config.render(defaults), (
+        "regenerate: moorage --config /dev/null --config-dir <empty dir> config")
     assert config.Config.model_validate(tomllib.loads(text)) == defaults
 
 
