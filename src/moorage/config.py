@@ -370,3 +370,32 @@ def as_info(config: Config) -> dict[str, Any]:
     """The config as plain JSON-able data, for ``Status`` verbose info."""
     result: dict[str, Any] = config.model_dump(mode="json")
     return result
+
+
+def _rows(model: type[BaseModel], prefix: str, flags: dict[str, str]) -> list[str]:
+    rows = []
+    instance_defaults = model.model_validate({})
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        value = getattr(instance_defaults, name)
+        if isinstance(value, BaseModel):
+            rows += _rows(type(value), f"{key}.", flags)
+            continue
+        if isinstance(value, dict):
+            rows.append(f"| `{key}.<name>` | | runc | {field.description or ''} |")
+            rows += _rows(RuntimeHandler, f"{key}.<name>.", flags)
+            continue
+        flag = flags.get(key, "")
+        shown = "unset" if value is None else _toml_value(value)
+        if name == "socket_mode":
+            shown = f"0o{value:o}"
+        description = (field.description or "").replace("|", "\\|")
+        rows.append(f"| `{key}` | {f'`--{flag}`' if flag else ''} | `{shown}` | {description} |")
+    return rows
+
+
+def reference_table() -> str:
+    """Every key with its flag, default and meaning: the table of docs/configuration.md."""
+    flags = {key: name.replace("_", "-") for name, key in FLAG_KEYS.items()}
+    head = ["| key | flag | default | meaning |", "|---|---|---|---|"]
+    return "\n".join(head + _rows(Config, "", flags)) + "\n"

@@ -67,3 +67,11 @@ def test_registries_conf_example_parses() -> None:
 
     conf = RegistriesConfig.parse((DEPLOY / "config/registries.conf").read_text())
     assert conf.unqualified_search_registries == ("docker.io",)
+
+
+def test_configuration_reference_is_current() -> None:
+    text = (ROOT / "docs/configuration.md").read_text()
+    start = text.index("-->\n", text.index("<!-- generated")) + 4
+    end = text.index("<!-- end of generated table -->")
+    assert text[start:end] == config.reference_table(), (
+        "regenerate the table with moorage.config.reference_table()")
