@@ -7,6 +7,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -468,3 +470,45 @@ def test_second_runtime_handler(tmp_path: Path, node_ns: str, cni_dir: Path,
         d.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod))
     finally:
         d.stop()
+
+
+def test_status_command_and_wipe(env: Env) -> None:
+    pod = env.pod()
+    cid = env.run(pod, "inspected", ["sleep", "1000"])
+    env.wait_state(cid, pb.CONTAINER_RUNNING)
+    base = ["--listen", str(env.d.socket)]
+
+    def moorage(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "moorage", *args], capture_output=True,
+                              text=True, timeout=120)
+
+    out = moorage(*base, "status", "containers", cid[:12])
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    assert info["id"] == cid and info["state"] == "CONTAINER_RUNNING"
+    assert info["pid"] > 0 and info["monitorPid"] > 0 and info["bundle"]
+    assert any(m["destination"] == "/etc/hostname" for m in info["mounts"])
+    out = moorage(*base, "status", "info")
+    assert out.returncode == 0 and json.loads(out.stdout)["conditions"]["RuntimeReady"]["status"]
+    out = moorage(*base, "status", "config")
+    assert json.loads(out.stdout)["root"] == str(env.d.root)
+    # wipe refuses while the daemon runs, then removes everything.
+    # wipe with the daemon's own command line (in its network namespace, config, dirs).
+    argv = env.d.args()
+
+    def wipe(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*argv, "wipe", *extra], capture_output=True, text=True,
+                              timeout=120)
+
+    out = wipe()
+    assert out.returncode == 1 and "another moorage daemon" in out.stderr
+    env.d.stop()
+    out = wipe("--images")
+    assert out.returncode == 0, out.stderr
+    assert "removed 1 pods, 1 containers, 1 images" in out.stdout
+    env.d.start()
+    env.rt = env.d.runtime
+    assert not env.rt.ListPodSandbox(pb.ListPodSandboxRequest()).items
+    assert not env.rt.ListContainers(pb.ListContainersRequest()).containers
+    assert not env.d.images.ListImages(pb.ListImagesRequest()).images
+    assert str(env.d.root) not in Path("/proc/self/mountinfo").read_text()
