@@ -4,18 +4,21 @@ Run as root on a machine with runc, conmon and busybox-static::
 
     sudo .venv/bin/python bench/monitor_memory.py [--containers 20] [--modes server,fresh,conmon]
 
-For each mode it starts N busybox containers that print a line every 100 ms (so every monitor
-runs its log path), waits, then reads ``/proc/<pid>/smaps_rollup`` of every monitor and prints
-medians of RSS, PSS and private dirty memory. Modes:
+For each mode it starts N busybox containers that print a line every 100 ms (so that every
+monitor runs its log path), lets them run for a few seconds, then reads
+``/proc/<pid>/smaps_rollup`` of every monitor and prints medians of RSS, PSS (split into
+anonymous and file-backed) and private dirty memory. Modes:
 
 - ``server``: moorage's monitor server forks one monitor per container (the design);
 - ``fresh``: a fresh interpreter per container (``python -P -S -m moorage.monitor run``);
-- ``conmon``: Debian's ``conmon`` (the C monitor CRI-O uses).
+- ``conmon``: Debian's ``conmon`` (the C monitor CRI-O uses), told to create the container
+  and report its pid on a sync pipe as CRI-O does.
 
-Start latency: the median time from asking the monitor to create the container to its
-answer, next to the median time of a bare ``runc create`` of the same bundle (stdio on
-``/dev/null``, no monitor); the difference is what the monitor adds. Containers, cgroups,
-monitors and the monitor server are removed at the end. Nothing leaves the machine.
+Start latency: the median time from asking the monitor to create a container to its answer,
+next to the median time of a bare ``runc create`` of an identical bundle (stdio on
+``/dev/null``, no monitor), measured alternately; the difference is what the monitor adds.
+Everything (containers, cgroups, monitors, the monitor server) is removed at the end.
+Nothing leaves the machine. No run is a test: numbers vary with the machine's load.
 """
 
 from __future__ import annotations
@@ -38,8 +41,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from moorage.monitor.client import CreateRequest, MonitorClient  # noqa: E402
-from moorage.util.helper import helper_env  # noqa: E402
+from moorage.monitor.client import CreateRequest, MonitorClient
+from moorage.util.helper import helper_env
 
 RUNC = "/usr/sbin/runc"
 CONMON = "/usr/bin/conmon"
@@ -77,7 +80,6 @@ def make_bundle(root: Path, rootfs: Path, name: str, cgroup_parent: str) -> Path
     config["process"]["args"] = COMMAND
     config["linux"]["cgroupsPath"] = f"{cgroup_parent}/{name}"
     (bundle / "config.json").write_text(json.dumps(config))
-    (bundle / "state").mkdir()
     return bundle
 
 
@@ -86,32 +88,69 @@ def runc(runc_root: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
 
 
 def bare_create(runc_root: Path, bundle: Path, cid: str) -> float:
-    """Seconds a ``runc create`` takes with no monitor (stdio on /dev/null)."""
-    t = time.perf_counter()
-    done = subprocess.run(
-        [RUNC, "--root", str(runc_root), "create", "--bundle", str(bundle), "--pid-file",
-         str(bundle / "state" / "bare.pid"), cid],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
-    elapsed = time.perf_counter() - t
-    if done.returncode != 0:
-        raise RuntimeError(f"runc create {cid}: {done.stderr.decode()}")
+    """Seconds a ``runc create`` takes with no monitor (stdio on /dev/null), then delete."""
+    # runc hands its stdio to the container: a pipe here would stay open until it exits.
+    with tempfile.TemporaryFile() as err:
+        t = time.perf_counter()
+        done = subprocess.run(
+            [
+                RUNC,
+                "--root",
+                str(runc_root),
+                "create",
+                "--bundle",
+                str(bundle),
+                "--pid-file",
+                str(bundle / "bare.pid"),
+                cid,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+        elapsed = time.perf_counter() - t
+        if done.returncode != 0:
+            err.seek(0)
+            raise RuntimeError(f"runc create {cid}: {err.read().decode()}")
     runc(runc_root, "delete", "-f", cid)
     return elapsed
+
+
+def remove_cgroups(parent: str) -> None:
+    """Remove the bench's cgroups in every v1 hierarchy, killing anything left in them."""
+    for _ in range(50):
+        left = False
+        for controller in Path("/sys/fs/cgroup").iterdir():
+            top = controller / parent.lstrip("/")
+            if not top.is_dir():
+                continue
+            for path in [*sorted((p for p in top.rglob("*") if p.is_dir()), reverse=True), top]:
+                with contextlib.suppress(OSError):
+                    for pid in (path / "cgroup.procs").read_text().split():
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(int(pid), 9)
+                try:
+                    path.rmdir()
+                except OSError:
+                    left = True
+        if not left:
+            return
+        time.sleep(0.1)
 
 
 class Mode:
     name = ""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, runner: asyncio.Runner) -> None:
         self.root = root
+        self.runner = runner
         self.runc_root = root / "runc"
 
-    async def create(self, bundle: Path, cid: str) -> int:
+    def create(self, bundle: Path, cid: str) -> int:
         """Create (not start) the container; the monitor's pid."""
         raise NotImplementedError
 
-    async def close(self) -> None:
+    def close(self) -> None:
         pass
 
     def extra(self) -> dict[str, Any]:
@@ -121,48 +160,59 @@ class Mode:
 class ServerMode(Mode):
     name = "server"
 
-    def __init__(self, root: Path) -> None:
-        super().__init__(root)
+    def __init__(self, root: Path, runner: asyncio.Runner) -> None:
+        super().__init__(root, runner)
         self.client = MonitorClient(root / "run")
+        runner.run(self.client.ensure_server())
 
-    async def create(self, bundle: Path, cid: str) -> int:
-        if self.client.server_pid is None:
-            await self.client.ensure_server()
-        created = await self.client.create(CreateRequest(
-            id=cid, bundle=str(bundle), runtime=RUNC, runtime_root=str(self.runc_root),
-            runtime_args=[], state_dir=str(bundle / "state"),
-            log_path=str(self.root / "logs" / f"{cid}.log"),
-        ))
+    def create(self, bundle: Path, cid: str) -> int:
+        created = self.runner.run(
+            self.client.create(
+                CreateRequest(
+                    id=cid,
+                    bundle=str(bundle),
+                    runtime=RUNC,
+                    runtime_root=str(self.runc_root),
+                    runtime_args=[],
+                    state_dir=str(bundle),
+                    log_path=str(self.root / "logs" / f"{cid}.log"),
+                )
+            )
+        )
         return created.monitor_pid
 
     def extra(self) -> dict[str, Any]:
         pid = self.client.server_pid
         return {"server": rollup(pid)} if pid else {}
 
-    async def close(self) -> None:
-        pid = self.client.server_pid
-        if pid:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, 15)
+    def close(self) -> None:
+        self.runner.run(self.client.shutdown_server())
 
 
 class FreshMode(Mode):
     name = "fresh"
 
-    async def create(self, bundle: Path, cid: str) -> int:
+    def create(self, bundle: Path, cid: str) -> int:
         mine, theirs = socket.socketpair()
         req = {
-            "id": cid, "bundle": str(bundle), "runtime": RUNC, "runtime_root": str(self.runc_root),
-            "runtime_args": [], "state_dir": str(bundle / "state"),
+            "id": cid,
+            "bundle": str(bundle),
+            "runtime": RUNC,
+            "runtime_root": str(self.runc_root),
+            "runtime_args": [],
+            "state_dir": str(bundle),
             "log_path": str(self.root / "logs" / f"{cid}.log"),
         }
         proc = subprocess.Popen(
             [sys.executable, "-P", "-S", "-m", "moorage.monitor", "run"],
-            stdin=theirs, stdout=subprocess.DEVNULL, env=helper_env(), cwd="/",
+            stdin=theirs.fileno(),
+            stdout=subprocess.DEVNULL,
+            env=helper_env(),
+            cwd="/",
         )
         theirs.close()
         mine.sendall(json.dumps(req).encode() + b"\n")
-        reply = await asyncio.to_thread(mine.makefile("rb").readline)
+        reply = mine.makefile("rb").readline()
         mine.close()
         proc.wait()
         answer = json.loads(reply)
@@ -174,83 +224,110 @@ class FreshMode(Mode):
 class ConmonMode(Mode):
     name = "conmon"
 
-    async def create(self, bundle: Path, cid: str) -> int:
-        state = bundle / "state"
+    def create(self, bundle: Path, cid: str) -> int:
         sync_r, sync_w = os.pipe()
-        env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
-               "_OCI_SYNCPIPE": "3"}
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+            "_OCI_SYNCPIPE": "3",
+        }
         argv = [
-            CONMON, "--api-version", "1", "-c", cid, "-u", cid, "-n", cid, "-r", RUNC,
-            "-b", str(bundle), "-p", str(state / "pidfile"), "-P", str(state / "conmon.pid"),
-            "-l", f"k8s-file:{self.root / 'logs' / f'{cid}.log'}",
-            "--exit-dir", str(state), "--socket-dir-path", str(state),
-            "--runtime-arg", "--root", "--runtime-arg", str(self.runc_root),
-            "--log-level", "error",
+            CONMON,
+            "--api-version",
+            "1",
+            "-c",
+            cid,
+            "-u",
+            cid,
+            "-n",
+            cid,
+            "-r",
+            RUNC,
+            "-b",
+            str(bundle),
+            "-p",
+            str(bundle / "pidfile"),
+            "-P",
+            str(bundle / "conmon.pid"),
+            "-l",
+            f"k8s-file:{self.root / 'logs' / f'{cid}.log'}",
+            "--exit-dir",
+            str(bundle),
+            "--socket-dir-path",
+            str(bundle),
+            "--runtime-arg",
+            "--root",
+            "--runtime-arg",
+            str(self.runc_root),
+            "--log-level",
+            "error",
         ]
-        proc = subprocess.Popen(
-            argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL, pass_fds=(sync_w,),
-            preexec_fn=lambda: os.dup2(sync_w, 3),  # noqa: PLW1509 (a bench, not the daemon)
+        null = os.open(os.devnull, os.O_RDWR)
+        # fd 3 of conmon must be the sync pipe.
+        pid = os.posix_spawn(
+            CONMON,
+            argv,
+            env,
+            file_actions=[
+                (os.POSIX_SPAWN_DUP2, sync_w, 3),
+                (os.POSIX_SPAWN_DUP2, null, 0),
+                (os.POSIX_SPAWN_DUP2, null, 1),
+                (os.POSIX_SPAWN_DUP2, null, 2),
+            ],
         )
         os.close(sync_w)
-        reply = await asyncio.to_thread(os.read, sync_r, 4096)
+        os.close(null)
+        reply = os.read(sync_r, 4096)
         os.close(sync_r)
-        proc.wait()
-        if b'"data"' not in reply and b'"pid"' not in reply:
+        os.waitpid(pid, 0)
+        if b'"data"' not in reply:
             raise RuntimeError(f"conmon: {reply!r}")
-        return int((state / "conmon.pid").read_text())
+        return int((bundle / "conmon.pid").read_text())
 
 
-MODES = {m.name: m for m in (ServerMode, FreshMode, ConmonMode)}
+MODES: dict[str, type[Mode]] = {m.name: m for m in (ServerMode, FreshMode, ConmonMode)}
 
 
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-async def run_mode(mode_cls: type[Mode], n: int, settle: float) -> dict[str, Any]:
+def run_mode(mode_cls: type[Mode], n: int, settle: float, runner: asyncio.Runner) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix=f"monbench-{mode_cls.name}-"))
     cgroup_parent = f"/moorage-bench-{secrets.token_hex(4)}"
-    mode = mode_cls(root)
     rootfs = make_rootfs(root)
     (root / "logs").mkdir()
     bundles = [make_bundle(root, rootfs, f"c{i}", cgroup_parent) for i in range(n)]
+    bare = [make_bundle(root, rootfs, f"bare{i}", cgroup_parent) for i in range(n)]
+    mode = mode_cls(root, runner)
     monitors: list[int] = []
     create_times: list[float] = []
     bare_times: list[float] = []
     try:
-        # Warm the page cache and the server (not counted).
-        bare_create(mode.runc_root, bundles[0], "warm")
+        bare_create(mode.runc_root, bare[0], "warm-up")  # page cache, not counted
         for i, bundle in enumerate(bundles):
-            bare_times.append(bare_create(mode.runc_root, bundle, f"bare{i}"))
+            bare_times.append(bare_create(mode.runc_root, bare[i], f"bare{i}"))
             t = time.perf_counter()
-            monitors.append(await mode.create(bundle, f"c{i}"))
+            monitors.append(mode.create(bundle, f"c{i}"))
             create_times.append(time.perf_counter() - t)
             started = runc(mode.runc_root, "start", f"c{i}")
             if started.returncode != 0:
                 raise RuntimeError(f"runc start c{i}: {started.stderr.decode()}")
-        await asyncio.sleep(settle)
+        time.sleep(settle)
         stats = [rollup(pid) for pid in monitors]
         extra = mode.extra()
     finally:
         for i in range(n):
             runc(mode.runc_root, "delete", "-f", f"c{i}")
-        await mode.close()
-        await asyncio.sleep(0.3)
-        for controller in Path("/sys/fs/cgroup").iterdir():
-            path = controller / cgroup_parent.lstrip("/")
-            for sub in sorted(path.glob("*"), reverse=True):
-                if sub.is_dir():
-                    with contextlib.suppress(OSError):
-                        sub.rmdir()
-            with contextlib.suppress(OSError):
-                path.rmdir()
+        mode.close()
+        remove_cgroups(cgroup_parent)
         shutil.rmtree(root, ignore_errors=True)
     return {
         "mode": mode_cls.name,
         "n": n,
         "rss_kib": median([s["Rss"] for s in stats]),
         "pss_kib": median([s["Pss"] for s in stats]),
+        "pss_anon_kib": median([s.get("Pss_Anon", 0) for s in stats]),
+        "pss_file_kib": median([s.get("Pss_File", 0) for s in stats]),
         "private_dirty_kib": median([s["Private_Dirty"] for s in stats]),
         "create_ms": median(create_times) * 1000,
         "bare_runc_create_ms": median(bare_times) * 1000,
@@ -259,8 +336,8 @@ async def run_mode(mode_cls: type[Mode], n: int, settle: float) -> dict[str, Any
     }
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--containers", type=int, default=20)
     parser.add_argument("--modes", default="server,fresh,conmon")
     parser.add_argument("--settle", type=float, default=3.0, help="seconds of output first")
@@ -268,22 +345,30 @@ async def main() -> None:
     if os.geteuid() != 0:
         sys.exit("needs root (runc)")
     results = []
-    for name in args.modes.split(","):
-        if name == "conmon" and not os.path.exists(CONMON):
-            print(f"{CONMON} missing: skipping conmon")
-            continue
-        results.append(await run_mode(MODES[name], args.containers, args.settle))
-    print(f"{'mode':8} {'n':>3} {'RSS KiB':>8} {'PSS KiB':>8} {'priv KiB':>8} "
-          f"{'create ms':>9} {'bare ms':>8} {'added ms':>8}")
+    with asyncio.Runner() as runner:
+        for name in args.modes.split(","):
+            if name == "conmon" and not os.path.exists(CONMON):
+                print(f"{CONMON} missing: skipping conmon")
+                continue
+            results.append(run_mode(MODES[name], args.containers, args.settle, runner))
+    print(
+        f"{'mode':8} {'n':>3} {'RSS KiB':>8} {'PSS KiB':>8} {'anon':>6} {'file':>6} "
+        f"{'priv KiB':>8} {'create ms':>9} {'bare ms':>8} {'added ms':>8}"
+    )
     for r in results:
-        print(f"{r['mode']:8} {r['n']:>3} {r['rss_kib']:>8.0f} {r['pss_kib']:>8.0f} "
-              f"{r['private_dirty_kib']:>8.0f} {r['create_ms']:>9.1f} "
-              f"{r['bare_runc_create_ms']:>8.1f} {r['added_ms']:>8.1f}")
+        print(
+            f"{r['mode']:8} {r['n']:>3} {r['rss_kib']:>8.0f} {r['pss_kib']:>8.0f} "
+            f"{r['pss_anon_kib']:>6.0f} {r['pss_file_kib']:>6.0f} "
+            f"{r['private_dirty_kib']:>8.0f} {r['create_ms']:>9.1f} "
+            f"{r['bare_runc_create_ms']:>8.1f} {r['added_ms']:>8.1f}"
+        )
         if "server" in r:
-            print(f"{'':8} monitor server: RSS {r['server']['rss_kib']} KiB, "
-                  f"PSS {r['server']['pss_kib']} KiB (one per node)")
+            print(
+                f"{'':8} monitor server: RSS {r['server']['rss_kib']} KiB, "
+                f"PSS {r['server']['pss_kib']} KiB (one per node)"
+            )
     print(json.dumps(results))
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    main()

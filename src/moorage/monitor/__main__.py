@@ -5,8 +5,8 @@ stdout when it listens (``{"pid", "digest", "version"}``) or failed (``{"error"}
 
 ``run``: one monitor in this fresh interpreter, without a server (the costly way, kept for
 comparison in ``bench/monitor_memory.py`` and as a fallback): stdin must be a connected unix
-socket; the request is read from it as one JSON line, the answer is written to it. The
-process forks twice so that the monitor's parent is init, like the server's monitors.
+socket; the create request is read from it as one JSON line, the answer is written to it.
+The process forks twice so that the monitor's parent is init, like the server's monitors.
 """
 
 from __future__ import annotations
@@ -25,39 +25,28 @@ def _usage() -> int:
 
 
 def _run_one() -> int:
-    import json
-    import socket
-
     from moorage.monitor import monitor
-    from moorage.monitor.protocol import KIND_INVALID, MAX_REQUEST, request_problem
+    from moorage.monitor.protocol import MAX_REQUEST
 
-    conn = socket.socket(fileno=os.dup(0))
-    null = os.open("/dev/null", os.O_RDWR)
+    conn = os.dup(0)
+    null = os.open(os.devnull, os.O_RDWR)
     os.dup2(null, 0)
     os.dup2(null, 1)
     os.close(null)
     buf = b""
     while b"\n" not in buf and len(buf) <= MAX_REQUEST:
-        chunk = conn.recv(65536)
+        chunk = os.read(conn, 65536)
         if not chunk:
             return 1
         buf += chunk
-    problem: str | None
-    try:
-        req = json.loads(buf.split(b"\n", 1)[0])
-    except ValueError as e:
-        req, problem = None, f"the request is not JSON: {e}"
-    else:
-        problem = request_problem(req)
-    if problem or not isinstance(req, dict):
-        conn.sendall(json.dumps({"error": problem, "kind": KIND_INVALID}).encode() + b"\n")
-        return 2
     if os.fork() != 0:
         return 0
+    monitor.prepare_signals()
+    monitor.catch_children()
     os.setsid()
     if os.fork() != 0:
         os._exit(0)
-    monitor.run(conn, req)
+    monitor.run(conn, buf.split(b"\n", 1)[0])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

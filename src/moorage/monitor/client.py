@@ -64,9 +64,9 @@ class CreateRequest:
     #: Seconds ``runtime create`` may take before the monitor kills it.
     timeout: float = protocol.DEFAULT_CREATE_TIMEOUT
 
-    def to_wire(self) -> dict[str, Any]:
-        return {
-            "op": "create",
+    def to_wire(self) -> bytes:
+        """The request line the monitor server reads."""
+        doc = {
             "id": self.id,
             "bundle": self.bundle,
             "runtime": self.runtime,
@@ -81,6 +81,7 @@ class CreateRequest:
             "cgroup_memory_dir": self.cgroup_memory_dir,
             "timeout": self.timeout,
         }
+        return json.dumps(doc).encode() + b"\n"
 
 
 @dataclass(frozen=True)
@@ -136,12 +137,18 @@ class MonitorClient:
                 if self._is_current(answer):
                     return
                 if answer is not None:
-                    await self._request({"op": "shutdown"}, PING_TIMEOUT)
+                    await self._request(b"shutdown\n", PING_TIMEOUT)
                 else:
                     self._kill_hung_server()
                 await self._start_server()
             finally:
                 os.close(lock)  # releases the flock
+
+    async def shutdown_server(self) -> None:
+        """Stop the monitor server, if one runs (``moorage wipe``, tests); monitors go on."""
+        with contextlib.suppress(OSError, TimeoutError, ValueError):
+            await self._request(b"shutdown\n", PING_TIMEOUT)
+        self.server_pid = None
 
     def _is_current(self, answer: dict[str, Any] | None) -> bool:
         if answer is None or answer.get("digest") != self.digest():
@@ -152,7 +159,7 @@ class MonitorClient:
 
     async def _ping(self) -> dict[str, Any] | None:
         try:
-            return await self._request({"op": "ping"}, PING_TIMEOUT)
+            return await self._request(b"ping\n", PING_TIMEOUT)
         except (OSError, TimeoutError, ValueError):
             return None
 
@@ -198,13 +205,13 @@ class MonitorClient:
             )
         self.server_pid = answer["pid"]
 
-    async def _request(self, doc: dict[str, Any], timeout: float | None) -> dict[str, Any] | None:
-        """One JSON line to the server, one back (``None`` if it closed without a line)."""
+    async def _request(self, line: bytes, timeout: float | None) -> dict[str, Any] | None:
+        """One line to the server, one JSON line back (``None`` if it closed without one)."""
         sock = await _connect(str(self.socket_path), socket.SOCK_STREAM)
         try:
             async with asyncio.timeout(timeout):
                 loop = asyncio.get_running_loop()
-                await loop.sock_sendall(sock, json.dumps(doc).encode() + b"\n")
+                await loop.sock_sendall(sock, line)
                 return await _read_line(sock)
         finally:
             sock.close()

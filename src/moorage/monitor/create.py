@@ -1,37 +1,45 @@
 """``runtime create``, run by a short-lived worker process that the monitor forks.
 
 The monitor (:mod:`moorage.monitor.monitor`) forks this worker so that the work done once per
-container (spawning the runtime, waiting for it, taking the console, reading the pid file,
-reporting errors) dirties the worker's copy-on-write pages, not the long-lived monitor's: the
-worker exits as soon as the container is created, and its memory goes with it. The runtime is
-a child of the worker, so the container's init process, orphaned when ``runtime create``
-exits, is reparented to the monitor (the nearest subreaper).
+container (decoding and checking the request, spawning the runtime, waiting for it, taking the
+console, reading the pid file, reporting errors) dirties the worker's copy-on-write pages, not
+the long-lived monitor's: the worker exits as soon as the container is created, and its memory
+goes with it. The runtime is a child of the worker, so the container's init process, orphaned
+when ``runtime create`` exits, is reparented to the monitor (the nearest subreaper).
 
-The worker tells the monitor how it went over a ``SOCK_SEQPACKET`` socket pair: one packet
-``ok <container pid> <oom kills before, or -1>`` (with the pty master attached as
-``SCM_RIGHTS`` for a tty container), or nothing at all (it failed, answered the requester
-itself and exited).
+The worker also opens the log file, binds the ``attach`` and ``ctl`` sockets, makes the
+container's pipes and writes ``monitor.pid``. It answers the requester itself when anything
+fails. When the container is created it tells the monitor, over a ``SOCK_SEQPACKET`` socket
+pair, one packet of NUL-separated fields (:func:`encode_report`) with the descriptors
+attached (``SCM_RIGHTS``): the log, the attach and ctl sockets, then the monitor's ends of
+the container's stdout, stderr and stdin pipes, or the pty master. The monitor answers the
+requester.
 """
 
 from __future__ import annotations
 
 import _signal  # type: ignore[import-not-found]  # signal's C half: no enum wrappers
-import array
-import contextlib
-import json
+import _socket
 import os
 import select
-import socket
+import sys
 import time
 
 from moorage.monitor.protocol import (
+    ATTACH_SOCKET,
     CONSOLE_SOCKET,
+    CTL_SOCKET,
     DEFAULT_CREATE_TIMEOUT,
     KIND_INTERNAL,
+    KIND_INVALID,
     KIND_RUNTIME,
+    MONITOR_PID,
     PIDFILE,
+    dumps,
     exit_code_of,
+    loads,
     read_oom_kills,
+    request_problem,
     runtime_argv,
 )
 
@@ -63,20 +71,30 @@ class CreateFailed(Exception):
     """``runtime create`` failed; the message is the runtime's own words."""
 
 
+class Refused(Exception):
+    """The request is malformed."""
+
+
 class Cancelled(Exception):
     """The requester went away before the answer: undo and exit quietly."""
 
 
-class Stdio:
-    """The container's ends of its stdio, made by the monitor before it forked the worker."""
-
-    __slots__ = ("err_r", "stderr", "stdin", "stdout")
-
-    def __init__(self, stdin: int, stdout: int, stderr: int, err_r: int) -> None:
-        self.stdin = stdin
-        self.stdout = stdout
-        self.stderr = stderr
-        self.err_r = err_r  # where the runtime's error messages can be read back
+def encode_report(req: dict[str, Any], pid: int, oom: int | None) -> bytes:
+    """The worker's report to the monitor (C string methods only to decode, see monitor)."""
+    fields = [
+        b"ok",
+        b"%d" % pid,
+        b"%d" % (-1 if oom is None else oom),
+        b"1" if req.get("tty") else b"0",
+        b"1" if req.get("stdin") else b"0",
+        b"1" if req.get("stdin_once") else b"0",
+        b"%d" % int(req.get("log_max_line", 16384)),
+        *(
+            os.fsencode(req.get(name, ""))
+            for name in ("id", "state_dir", "log_path", "cgroup_memory_dir")
+        ),
+    ]
+    return b"\0".join(fields)
 
 
 def open_log(path: str) -> tuple[int, bool]:
@@ -124,8 +142,10 @@ def kill_children(reaped: dict[int, int] | None = None) -> None:
     """SIGKILL and reap every child of this process, and the orphans they leave to it."""
     for _ in range(1000):
         for pid in children():
-            with contextlib.suppress(ProcessLookupError):
+            try:  # noqa: SIM105 (no contextlib here)
                 os.kill(pid, _signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         try:
             pid, status = os.waitpid(-1, 0)
         except ChildProcessError:
@@ -134,36 +154,74 @@ def kill_children(reaped: dict[int, int] | None = None) -> None:
             reaped[pid] = status
 
 
-def reply(conn: socket.socket, doc: dict[str, Any]) -> None:
-    with contextlib.suppress(OSError):  # the requester is gone
-        conn.settimeout(5)
-        conn.sendall(json.dumps(doc).encode() + b"\n")
+def reply(conn: int, doc: dict[str, Any]) -> None:
+    """Answer the requester (blocking, bounded by the socket's buffer)."""
+    data = dumps(doc).encode() + b"\n"
+    try:
+        os.set_blocking(conn, True)
+        while data:
+            data = data[os.write(conn, data) :]
+    except OSError:  # the requester is gone
+        pass
+
+
+def describe(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        where = f": {e.filename}" if e.filename else ""
+        return f"{e.strerror}{where}"
+    return f"{type(e).__name__}: {e}"
+
+
+def parse_request(line: bytes) -> dict[str, Any]:
+    try:
+        req = loads(line.decode("utf-8"))
+    except ValueError as e:  # UnicodeDecodeError too
+        raise Refused(f"the request is not JSON: {e}") from None
+    problem = request_problem(req)
+    if problem:
+        raise Refused(problem)
+    assert isinstance(req, dict)
+    return req
 
 
 class Worker:
-    def __init__(self, req: dict[str, Any], stdio: Stdio) -> None:
+    def __init__(self, req: dict[str, Any]) -> None:
         self.req = req
-        self.stdio = stdio
         self.tty = bool(req.get("tty"))
         self.runtime_pid = -1
         self.master = -1
+        #: The monitor's ends of the container's stdio (after a successful run).
+        self.ends: list[int] = []
         self.reaped: dict[int, int] = {}
         self.wake_r = -1
 
-    def run(self, conn: socket.socket) -> tuple[int, int]:
-        """Create the container: (its pid, the OOM kill count before it ran, or -1)."""
+    def run(self, conn: int) -> tuple[int, int | None]:
+        """Create the container: (its pid, the cgroup's OOM kill count before it ran).
+
+        Afterwards :attr:`ends` holds the monitor's ends of the container's stdio: stdout
+        and stderr (read), then stdin (write) if asked for; or the pty master (twice with
+        stdin: one descriptor to read, one to write).
+        """
         self.wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         _signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
         _signal.signal(_signal.SIGCHLD, _on_signal)
-        console: socket.socket | None = None
-        err_r = self.stdio.err_r
+        console: _socket.socket | None = None
         argv = runtime_argv(self.req, CONSOLE_SOCKET if self.tty else None)
+        null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        want_stdin = bool(self.req.get("stdin"))
         try:
-            stdio = (self.stdio.stdin, self.stdio.stdout, self.stdio.stderr)
             if self.tty:
                 console = _listen_console(CONSOLE_SOCKET)
-                err_r, err_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-                stdio = (self.stdio.stdin, self.stdio.stdout, err_w)
+                stdio = (null, null, err_w)  # the container's stdio is the pty
+            else:
+                out_r, out_w = os.pipe2(os.O_CLOEXEC)
+                stdin = null
+                self.ends = [out_r, err_r]
+                if want_stdin:
+                    stdin, stdin_w = os.pipe2(os.O_CLOEXEC)
+                    self.ends.append(stdin_w)
+                stdio = (stdin, out_w, err_w)
             self.runtime_pid = os.posix_spawn(
                 argv[0],
                 argv,
@@ -172,34 +230,36 @@ class Worker:
                 setsigmask=(),
                 setsigdef=RESET_SIGNALS,
             )
-            if self.tty:
-                os.close(err_w)
+            for fd in {*stdio}:
+                os.close(fd)  # the runtime has them; the container's end of a pipe must not
+                # stay open here (EOF), though this process exits soon anyway
             self._wait(conn, console)
         finally:
             if console is not None:
                 console.close()
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(CONSOLE_SOCKET)
+                _unlink(CONSOLE_SOCKET)
         status = self.reaped.pop(self.runtime_pid)
         if status != 0 or (self.tty and self.master < 0):
+            os.set_blocking(err_r, False)
             message = _read_all(err_r, MAX_ERROR).decode("utf-8", "replace").strip()
             if status != 0:
                 code, sig = exit_code_of(status)
                 what = f"killed by signal {sig}" if sig else f"exit status {code}"
                 raise CreateFailed(message or f"{argv[0]} create failed ({what})")
             raise CreateFailed(message or f"{argv[0]} create did not send the console")
+        if self.tty:
+            self.ends = [self.master, self.master] if want_stdin else [self.master]
         with open(PIDFILE) as f:
             pid = int(f.read().strip())
-        oom = read_oom_kills(self.req.get("cgroup_memory_dir", ""))
-        return pid, -1 if oom is None else oom
+        return pid, read_oom_kills(self.req.get("cgroup_memory_dir", ""))
 
-    def _wait(self, conn: socket.socket, console: socket.socket | None) -> None:
+    def _wait(self, conn: int, console: _socket.socket | None) -> None:
         """Until the runtime exits: take the console, watch the requester, mind the time."""
         ep = select.epoll()
         timeout = float(self.req.get("timeout", DEFAULT_CREATE_TIMEOUT))
         try:
             ep.register(self.wake_r, select.EPOLLIN)
-            ep.register(conn.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
+            ep.register(conn, select.EPOLLIN | select.EPOLLRDHUP)
             if console is not None:
                 ep.register(console.fileno(), select.EPOLLIN)
             deadline = time.monotonic() + timeout
@@ -215,7 +275,7 @@ class Worker:
                         self._reap()
                     elif console is not None and fd == console.fileno():
                         self._take_console(console)
-                    elif fd == conn.fileno():
+                    elif fd == conn:
                         kill_children(self.reaped)
                         raise Cancelled()
             if console is not None and self.master < 0:
@@ -234,62 +294,110 @@ class Worker:
                 return
             self.reaped[pid] = status
 
-    def _take_console(self, console: socket.socket) -> None:
+    def _take_console(self, console: _socket.socket) -> None:
         try:
-            conn, _ = console.accept()
+            fd, _ = console._accept()  # type: ignore[attr-defined]
         except (BlockingIOError, InterruptedError):
             return
-        with conn:
+        conn = _socket.socket(fileno=fd)
+        try:
             conn.settimeout(5)
-            _, fds, _, _ = socket.recv_fds(conn, 4096, 4)
+            _, ancdata, _, _ = conn.recvmsg(4096, _socket.CMSG_SPACE(4 * 4))
+        finally:
+            conn.close()
+        fds = unpack_fds(ancdata)
         if fds and self.master < 0:
             self.master = fds.pop(0)
         for fd in fds:
             os.close(fd)
 
 
-def _listen_console(name: str) -> socket.socket:
-    """The console socket (``SOCK_STREAM``: runc's dialer) at ``name`` in the state dir."""
-    with contextlib.suppress(FileNotFoundError):
+def pack_fds(fds: list[int]) -> list[tuple[int, int, bytes]]:
+    """``SCM_RIGHTS`` ancillary data for ``sendmsg``."""
+    data = b"".join(fd.to_bytes(4, sys.byteorder, signed=True) for fd in fds)
+    return [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, data)]
+
+
+def unpack_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    """The descriptors in ``recvmsg`` ancillary data."""
+    fds = []
+    for level, kind, data in ancdata:
+        if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+            for i in range(0, len(data) - len(data) % 4, 4):
+                fds.append(int.from_bytes(data[i : i + 4], sys.byteorder, signed=True))
+    return fds
+
+
+def _unlink(name: str) -> None:
+    try:  # noqa: SIM105 (no contextlib here)
         os.unlink(name)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    except FileNotFoundError:
+        pass
+
+
+def _listen_console(name: str) -> _socket.socket:
+    """The console socket (``SOCK_STREAM``: runc's dialer) at ``name`` in the state dir."""
+    return _listen(name, _socket.SOCK_STREAM, 1)
+
+
+def _listen(name: str, kind: int, backlog: int) -> _socket.socket:
+    """A non-blocking listening unix socket at ``name`` (relative: in the state dir)."""
+    _unlink(name)
+    sock = _socket.socket(_socket.AF_UNIX, kind | _socket.SOCK_CLOEXEC)
     sock.bind(name)
-    sock.listen(1)
+    sock.listen(backlog)
     sock.setblocking(False)
     return sock
 
 
-def work(req: dict[str, Any], conn: socket.socket, stdio: Stdio, report: socket.socket) -> NoReturn:
+def atomic_write(name: str, data: bytes) -> None:
+    tmp = name + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    os.rename(tmp, name)
+
+
+def work(line: bytes, conn: int, report: _socket.socket) -> NoReturn:
     """The worker's whole life (in the child the monitor forked): create, report, exit."""
     code = 1
     log_fd, created_log = -1, False
-    worker = Worker(req, stdio)
+    bound: list[str] = []
+    req: dict[str, Any] = {}
     try:
         try:
+            req = parse_request(line)
+            os.chdir(req["state_dir"])
             log_fd, created_log = open_log(req["log_path"])
+            attach = _listen(ATTACH_SOCKET, _socket.SOCK_SEQPACKET, 16)
+            bound.append(ATTACH_SOCKET)
+            ctl = _listen(CTL_SOCKET, _socket.SOCK_SEQPACKET, 16)
+            bound.append(CTL_SOCKET)
+            worker = Worker(req)
             pid, oom = worker.run(conn)
-            fds = [worker.master] if worker.master >= 0 else []
-            ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
-            report.sendmsg([b"ok %d %d" % (pid, oom)], ancillary if fds else [])
+            atomic_write(MONITOR_PID, b"%d\n" % os.getppid())
+            fds = [log_fd, attach.fileno(), ctl.fileno(), *worker.ends]
+            report.sendmsg([encode_report(req, pid, oom)], pack_fds(fds))
             code = 0
         except Cancelled:
             kill_children()
+        except Refused as e:
+            reply(conn, {"error": str(e), "kind": KIND_INVALID})
         except CreateFailed as e:
             kill_children()
             reply(conn, {"error": str(e), "kind": KIND_RUNTIME})
         except Exception as e:
             kill_children()
             reply(conn, {"error": f"monitor: {describe(e)}", "kind": KIND_INTERNAL})
-        if code != 0 and created_log:
-            with contextlib.suppress(OSError):
-                if os.fstat(log_fd).st_size == 0:
+        if code != 0:
+            for name in bound:
+                _unlink(name)
+            try:
+                if created_log and os.fstat(log_fd).st_size == 0:
                     os.unlink(req["log_path"])
+            except OSError:
+                pass
     finally:
         os._exit(code)
-
-
-def describe(e: BaseException) -> str:
-    if isinstance(e, OSError) and e.strerror:
-        where = f": {e.filename}" if e.filename else ""
-        return f"{e.strerror}{where}"
-    return f"{type(e).__name__}: {e}"

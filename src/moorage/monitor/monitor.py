@@ -4,33 +4,34 @@
 ``python -m moorage.monitor run``) and never returns. That process is its own session, its
 parent is init, it holds no descriptor of the daemon, and it lives as long as the container:
 
-1. it becomes a child subreaper, makes the container's pipes, and forks a worker
-   (:mod:`moorage.monitor.create`) that runs ``runtime create`` and exits;
-2. it binds ``attach`` and ``ctl`` in the state directory, writes ``monitor.pid`` and
-   answers the requester;
+1. it becomes a child subreaper and forks a worker (:mod:`moorage.monitor.create`) that
+   decodes the request, opens the log, binds the ``attach`` and ``ctl`` sockets, makes the
+   container's pipes, runs ``runtime create``, writes ``monitor.pid``, reports (with those
+   descriptors) and exits;
+2. it answers the requester;
 3. its event loop (``epoll``) logs the container's output, serves attach and ctl clients
    and reaps children (``SIGCHLD`` through a wakeup pipe);
 4. when the container's init exits it reads the output left, writes the exit file, exits.
 
 Memory is the design constraint (see ``docs/monitor.md``): each page this process writes is
 its own copy of the server's page. So the one-off work is done in the worker, the inherited
-objects are frozen out of the garbage collector, the loop uses C functions (``os``,
-``epoll``, ``_signal``) rather than their Python wrappers, reads :data:`READ_SIZE` bytes at
-a time and holds at most ``log_max_line`` bytes of a partial line per stream.
+objects are frozen out of the garbage collector, the server has run this code before forking
+(:func:`warm_up`), the monitor calls C functions (``os``, ``epoll``, ``_signal``,
+``_socket``) rather than their Python wrappers, reads :data:`READ_SIZE` bytes at a time and
+holds at most ``log_max_line`` bytes of a partial line per stream.
 """
 
 from __future__ import annotations
 
 import _signal  # type: ignore[import-not-found]  # signal's C half: no enum wrappers
-import contextlib
+import _socket
 import ctypes
 import errno
 import fcntl
 import gc
 import os
 import select
-import socket
-import struct
+import sys
 import termios
 import time
 
@@ -38,10 +39,12 @@ from moorage.monitor import crilog
 from moorage.monitor.create import (
     LOG_FLAGS,
     LOG_MODE,
-    Stdio,
+    atomic_write,
     describe,
     kill_children,
+    pack_fds,
     reply,
+    unpack_fds,
     work,
 )
 from moorage.monitor.protocol import (
@@ -50,7 +53,8 @@ from moorage.monitor.protocol import (
     EXIT_FILE,
     KIND_INTERNAL,
     MAX_CTL,
-    MONITOR_PID,
+    MAX_INPUT_PACKET,
+    MAX_OUTPUT_FRAME,
     STREAM_STDERR,
     STREAM_STDOUT,
     encode_exit,
@@ -62,7 +66,7 @@ from moorage.monitor.protocol import (
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, NoReturn
+    from typing import NoReturn
 
 #: Bytes read from the container's output (and from an attach client) at a time; conmon's
 #: buffer size. Small buffers keep the monitor's heap, so its private memory, small.
@@ -74,6 +78,12 @@ MAX_CLIENTS = 64
 #: Output read after the container's exit (from processes still holding its pipes) is capped.
 MAX_DRAIN = 16 * 1024 * 1024
 
+#: Every read of the container's output lands here first (no 8 KiB allocation per read). It
+#: is made before the fork: a monitor copies only the pages of it that its reads fill.
+_READ_BUF = bytearray(READ_SIZE)
+_READ_BUFS = (_READ_BUF,)
+_READ_VIEW = memoryview(_READ_BUF)
+
 _PR_SET_CHILD_SUBREAPER = 36
 _libc = ctypes.CDLL(None, use_errno=True)
 _prctl = _libc.prctl
@@ -83,37 +93,51 @@ _prctl.restype = ctypes.c_int
 _IN = select.EPOLLIN
 _OUT = select.EPOLLOUT
 _HUP = select.EPOLLHUP | select.EPOLLERR
-_NONBLOCK = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
-_CMSG_FDS = socket.CMSG_SPACE(4 * struct.calcsize("i"))
+_NONBLOCK = _socket.MSG_DONTWAIT | _socket.MSG_NOSIGNAL
+_CMSG_FDS = _socket.CMSG_SPACE(8 * 4)  # the worker sends at most 6
+_REPORT_MAX = 64 * 1024
+#: The highest descriptor number :func:`run` closes up to (the server's, inherited).
+_MAX_FD = 1 << 20
 
 
 def _on_signal(signum: int, frame: object) -> None:
     """SIGCHLD: the wakeup descriptor has the byte the event loop needs."""
 
 
+def prepare_signals() -> None:
+    """The signal dispositions of a monitor, but for SIGCHLD (see :func:`catch_children`).
+
+    SIGHUP, SIGPIPE, SIGXFSZ and SIGINT are ignored (a monitor never dies of a closed pipe or
+    a terminal); SIGTERM kills. Set once in the process monitors are forked from, so that
+    each monitor inherits them. (``_signal``, not ``signal``: the wrappers would run the enum
+    machinery.)
+    """
+    for sig in (_signal.SIGHUP, _signal.SIGPIPE, _signal.SIGXFSZ, _signal.SIGINT):
+        _signal.signal(sig, _signal.SIG_IGN)
+    _signal.signal(_signal.SIGTERM, _signal.SIG_DFL)
+
+
+def catch_children() -> None:
+    """SIGCHLD runs a no-op Python handler; :meth:`Monitor.setup_process` gives it a wakeup
+    descriptor. Set in the process monitors are forked from."""
+    _signal.signal(_signal.SIGCHLD, _on_signal)
+
+
 def _say(cid: str, message: str) -> None:
     """A diagnostic line for the server log (the monitor's stderr)."""
-    with contextlib.suppress(OSError):
+    try:  # noqa: SIM105 (no contextlib here)
         os.write(2, f"monitor {os.getpid()} {cid[:12]}: {message}\n".encode("utf-8", "replace"))
+    except OSError:
+        pass
 
 
-def _atomic_write(name: str, data: bytes) -> None:
-    tmp = name + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+def _accept(listener: _socket.socket) -> _socket.socket | None:
+    """A non-blocking connection from ``listener``; None if none is waiting."""
     try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-    os.rename(tmp, name)
-
-
-def _listen(name: str) -> socket.socket:
-    """A listening ``SOCK_SEQPACKET`` socket at ``name`` (relative: in the state dir)."""
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(name)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    sock.bind(name)
-    sock.listen(16)
+        fd, _ = listener._accept()  # type: ignore[attr-defined]
+    except (BlockingIOError, InterruptedError):
+        return None
+    sock = _socket.socket(fileno=fd)
     sock.setblocking(False)
     return sock
 
@@ -123,7 +147,7 @@ class _Client:
 
     __slots__ = ("reading", "sock")
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: _socket.socket) -> None:
         self.sock = sock
         self.reading = True  # until it shuts its sending side down
 
@@ -131,14 +155,12 @@ class _Client:
 class Monitor:
     """The state of the monitor process (one instance per process)."""
 
-    def __init__(self, req: dict[str, Any]) -> None:
-        self.req = req
-        self.cid: str = req["id"]
-        self.tty: bool = bool(req.get("tty"))
-        self.stdin_once: bool = bool(req.get("stdin_once"))
-        self.log_path: str = req["log_path"]
-        self.memory_dir: str = req.get("cgroup_memory_dir", "")
-        max_line = int(req.get("log_max_line", crilog.DEFAULT_MAX_LINE))
+    def __init__(self, cid: str, max_line: int = crilog.DEFAULT_MAX_LINE) -> None:
+        self.cid = cid
+        self.tty = False
+        self.stdin_once = False
+        self.log_path = ""
+        self.memory_dir = ""
         self.splitters = {
             STREAM_STDOUT: crilog.LineSplitter(crilog.STDOUT, max_line),
             STREAM_STDERR: crilog.LineSplitter(crilog.STDERR, max_line),
@@ -156,9 +178,9 @@ class Monitor:
         self.stdin_owner: _Client | None = None
         self.clients_paused = False
         self.clients: dict[int, _Client] = {}
-        self.ctl_clients: dict[int, socket.socket] = {}
-        self.attach_sock: socket.socket | None = None
-        self.ctl_sock: socket.socket | None = None
+        self.ctl_clients: dict[int, _socket.socket] = {}
+        self.attach_sock: _socket.socket | None = None
+        self.ctl_sock: _socket.socket | None = None
         self.container_pid = -1
         self.exit_status: int | None = None
         self.exited_at = 0
@@ -167,93 +189,93 @@ class Monitor:
     # -- setting up ----------------------------------------------------------------------
 
     def setup_process(self) -> None:
-        os.chdir(self.req["state_dir"])
+        """Become a subreaper; SIGCHLD through a wakeup pipe (see :func:`prepare_signals`)."""
         if _prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
             err = ctypes.get_errno()
             raise OSError(err, f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(err)}")
-        # _signal, not signal: its wrappers would run (and copy) the enum machinery.
-        _signal.signal(_signal.SIGTERM, _signal.SIG_DFL)  # the server's handler is not ours
-        for sig in (_signal.SIGHUP, _signal.SIGPIPE, _signal.SIGXFSZ, _signal.SIGINT):
-            _signal.signal(sig, _signal.SIG_IGN)
         self.wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         _signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
-        _signal.signal(_signal.SIGCHLD, _on_signal)
         self.ep.register(self.wake_r, _IN)
 
-    def create(self, conn: socket.socket) -> bool:
+    def create(self, conn: int, line: bytes) -> bool:
         """Fork the worker that runs ``runtime create``; False if it failed (it answered)."""
-        null = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
-        theirs = [null]  # the container's ends, closed here once the worker has them
-        if self.tty:
-            stdio = Stdio(null, null, null, -1)
-        else:
-            out_r, out_w = os.pipe2(os.O_CLOEXEC)
-            err_r, err_w = os.pipe2(os.O_CLOEXEC)
-            theirs += [out_w, err_w]
-            stdin = null
-            if self.req.get("stdin"):
-                stdin, self.stdin_fd = os.pipe2(os.O_CLOEXEC)
-                theirs.append(stdin)
-                os.set_blocking(self.stdin_fd, False)
-            for fd in (out_r, err_r):
-                os.set_blocking(fd, False)
-            self.outputs = {out_r: STREAM_STDOUT, err_r: STREAM_STDERR}
-            stdio = Stdio(stdin, out_w, err_w, err_r)
-        report, theirs_report = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        report, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
         pid = os.fork()
         if pid == 0:  # pragma: no cover (the worker)
             try:
                 report.close()
-                work(self.req, conn, stdio, theirs_report)
+                work(line, conn, theirs)
             finally:
                 os._exit(1)
-        theirs_report.close()
-        for fd in theirs:
-            os.close(fd)
+        theirs.close()
         try:
-            msg, ancdata, _, _ = report.recvmsg(64, _CMSG_FDS)
+            msg, ancdata, _, _ = report.recvmsg(_REPORT_MAX, _CMSG_FDS)
         except OSError:
             msg, ancdata = b"", []
         report.close()
-        fds: list[int] = []
-        for level, kind, data in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                n = len(data) // 4
-                fds += struct.unpack(f"{n}i", data[: n * 4])
-        words = msg.split()
-        if len(words) != 3 or words[0] != b"ok":
+        if self.take_report(msg, ancdata):
+            return True
+        kill_children()  # the worker, and whatever the runtime left to us
+        if msg:  # the worker thought it done: nobody has answered
+            reply(
+                conn, {"error": "monitor: the worker's report is malformed", "kind": KIND_INTERNAL}
+            )
+        return False
+
+    def take_report(self, msg: bytes, ancdata: list[tuple[int, int, bytes]]) -> bool:
+        """Adopt what the worker reported, or close what it sent if it failed (False).
+
+        The descriptors: the log, the attach and ctl sockets, then stdout, stderr and stdin
+        (if asked for) pipes, or the pty master (twice with stdin).
+        """
+        fds = unpack_fds(ancdata)
+        fields = msg.split(b"\0")
+        if len(fields) != 11 or fields[0] != b"ok":
             for fd in fds:
                 os.close(fd)
-            kill_children()  # the worker, and what the runtime left to us
             return False
-        self.container_pid = int(words[1])
-        oom = int(words[2])
+        self.tty = fields[3] == b"1"
+        want_stdin = fields[4] == b"1"
+        if len(fds) != 3 + (1 if self.tty else 2) + want_stdin:
+            for fd in fds:
+                os.close(fd)
+            return False
+        self.log_fd = fds[0]
+        self.attach_sock = _socket.socket(fileno=fds[1])
+        self.ctl_sock = _socket.socket(fileno=fds[2])
+        self.attach_sock.setblocking(False)
+        self.ctl_sock.setblocking(False)
+        self.container_pid = int(fields[1])
+        oom = int(fields[2])
         self.oom_before = None if oom < 0 else oom
+        self.stdin_once = fields[5] == b"1"
+        max_line = int(fields[6])
+        self.cid = fields[7].decode("utf-8", "surrogateescape")
+        self.log_path = fields[9].decode("utf-8", "surrogateescape")
+        self.memory_dir = fields[10].decode("utf-8", "surrogateescape")
+        for splitter in self.splitters.values():
+            splitter.max_line = max_line
+        os.chdir(fields[8])
+        for fd in fds[3:]:
+            os.set_blocking(fd, False)
         if self.tty:
-            if not fds:
-                kill_children()
-                return False
-            self.master = fds.pop(0)
-            os.set_blocking(self.master, False)
-            self.outputs = {self.master: STREAM_STDOUT}
-            if self.req.get("stdin"):
-                self.stdin_fd = os.dup(self.master)  # its own epoll registration
-        for fd in fds:
-            os.close(fd)
+            self.master = fds[3]
+            self.outputs = {fds[3]: STREAM_STDOUT}
+        else:
+            self.outputs = {fds[3]: STREAM_STDOUT, fds[4]: STREAM_STDERR}
+        if want_stdin:
+            self.stdin_fd = fds[-1]  # a pipe, or the second copy of the pty master
         return True
 
     def listen(self) -> None:
-        """The log, the attach and ctl sockets, ``monitor.pid``; all registered with the loop."""
-        self.log_fd = os.open(self.log_path, LOG_FLAGS, LOG_MODE)  # the worker made it
-        self.attach_sock = _listen(ATTACH_SOCKET)
-        self.ctl_sock = _listen(CTL_SOCKET)
+        """Register the attach and ctl sockets, the output and stdin with the loop."""
+        assert self.attach_sock is not None and self.ctl_sock is not None
         self.ep.register(self.attach_sock.fileno(), _IN)
         self.ep.register(self.ctl_sock.fileno(), _IN)
         for fd in self.outputs:
             self.ep.register(fd, _IN)
         if self.stdin_fd >= 0:
             self.ep.register(self.stdin_fd, 0)
-        _atomic_write(MONITOR_PID, b"%d\n" % os.getpid())
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -279,7 +301,7 @@ class Monitor:
         elif fd in self.clients:
             self._on_client(self.clients[fd], mask)
         elif fd == self.stdin_fd:
-            self._flush_stdin()
+            self._on_stdin(mask)
         elif fd in self.ctl_clients:
             self._on_ctl(self.ctl_clients[fd])
         elif self.attach_sock is not None and fd == self.attach_sock.fileno():
@@ -291,8 +313,10 @@ class Monitor:
 
     def _forget(self, fd: int) -> None:
         """Stop watching a descriptor whose handler failed."""
-        with contextlib.suppress(OSError, ValueError):
+        try:  # noqa: SIM105 (no contextlib here)
             self.ep.unregister(fd)
+        except (OSError, ValueError):
+            pass
         client = self.clients.pop(fd, None)
         if client is not None:
             client.sock.close()
@@ -340,16 +364,16 @@ class Monitor:
 
     def _on_output(self, fd: int) -> None:
         try:
-            data = os.read(fd, READ_SIZE)
+            n = os.readv(fd, _READ_BUFS)
         except BlockingIOError:
             return
         except OSError as e:
             if e.errno != errno.EIO:  # EIO: the pty has no other side any more
                 raise
-            data = b""
+            n = 0
         sid = self.outputs[fd]
-        if data:
-            self._output(sid, data)
+        if n:
+            self._output(sid, _READ_VIEW[:n].tobytes())
             return
         self.ep.unregister(fd)
         del self.outputs[fd]
@@ -394,15 +418,10 @@ class Monitor:
 
     def _accept_attach(self) -> None:
         assert self.attach_sock is not None
-        while True:
-            try:
-                sock, _ = self.attach_sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
+        while (sock := _accept(self.attach_sock)) is not None:
             if len(self.clients) + len(self.ctl_clients) >= MAX_CLIENTS:
                 sock.close()
                 continue
-            sock.setblocking(False)
             client = _Client(sock)
             self.clients[sock.fileno()] = client
             self.ep.register(sock.fileno(), self._client_mask(client))
@@ -414,7 +433,7 @@ class Monitor:
     def _on_client(self, client: _Client, mask: int) -> None:
         if mask & _IN and client.reading:
             try:
-                data = client.sock.recv(READ_SIZE)
+                data = client.sock.recv(MAX_INPUT_PACKET)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
@@ -445,6 +464,16 @@ class Monitor:
             self.stdin_owner = client
         self.stdin_pending += data
         self._flush_stdin()
+
+    def _on_stdin(self, mask: int) -> None:
+        if mask & _HUP and not mask & _OUT:
+            # Nobody reads the container's stdin any more (or its terminal is gone): epoll
+            # would report this again and again.
+            self.stdin_pending = b""
+            self._close_stdin()
+            self._pause_clients(False)
+        else:
+            self._flush_stdin()
 
     def _flush_stdin(self) -> None:
         if self.stdin_fd >= 0 and self.stdin_pending:
@@ -489,19 +518,14 @@ class Monitor:
 
     def _accept_ctl(self) -> None:
         assert self.ctl_sock is not None
-        while True:
-            try:
-                sock, _ = self.ctl_sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
+        while (sock := _accept(self.ctl_sock)) is not None:
             if len(self.clients) + len(self.ctl_clients) >= MAX_CLIENTS:
                 sock.close()
                 continue
-            sock.setblocking(False)
             self.ctl_clients[sock.fileno()] = sock
             self.ep.register(sock.fileno(), _IN)
 
-    def _on_ctl(self, sock: socket.socket) -> None:
+    def _on_ctl(self, sock: _socket.socket) -> None:
         try:
             raw = sock.recv(MAX_CTL)
         except (BlockingIOError, InterruptedError):
@@ -516,7 +540,10 @@ class Monitor:
             if command == "resize":
                 if self.master < 0:
                     raise ValueError("the container has no terminal")
-                winsize = struct.pack("HHHH", height, width, 0, 0)
+                winsize = b"%s%s\0\0\0\0" % (
+                    height.to_bytes(2, sys.byteorder),
+                    width.to_bytes(2, sys.byteorder),
+                )
                 fcntl.ioctl(self.master, termios.TIOCSWINSZ, winsize)
             else:
                 self.reopen_log()
@@ -538,7 +565,7 @@ class Monitor:
         for fd, sid in list(self.outputs.items()):
             while drained < MAX_DRAIN:
                 try:
-                    data = os.read(fd, READ_SIZE * 8)
+                    data = os.read(fd, MAX_OUTPUT_FRAME - 1)
                 except OSError:  # EAGAIN: nothing left now; EIO: the pty is hung up
                     break
                 if not data:
@@ -551,10 +578,12 @@ class Monitor:
         status = self.exit_status if self.exit_status is not None else 0
         code, sig = exit_code_of(status)
         oom = oom_killed(self.oom_before, read_oom_kills(self.memory_dir))
-        _atomic_write(EXIT_FILE, encode_exit(code, self.exited_at, oom, sig))
+        atomic_write(EXIT_FILE, encode_exit(code, self.exited_at, oom, sig))
         for name in (ATTACH_SOCKET, CTL_SOCKET):
-            with contextlib.suppress(FileNotFoundError):
+            try:  # noqa: SIM105 (no contextlib here)
                 os.unlink(name)
+            except FileNotFoundError:
+                pass
         for client in self.clients.values():
             client.sock.close()
 
@@ -565,19 +594,20 @@ def warm_up(rounds: int = 40) -> None:
     Python 3.11 rewrites ("quickens" and specializes) a function's bytecode in place during
     its first executions, and builds attribute caches and shared dict keys on first use.
     Done here once, those writes land in the server's pages, which every monitor shares;
-    done in each monitor, each would get its own copy of every page they touch.
+    done in each monitor, each would get its own copy of every page they touch. Runs in the
+    server's directory (it binds and removes ``warm-up.sock`` there).
     """
-    req = {"id": "warm-up", "log_path": os.devnull, "log_max_line": 64, "state_dir": "/"}
+    _prctl(_PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)  # the ctypes call path (the server is none)
     out_r, out_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    mine, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    mine, peer = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
     null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
     chunks = (b"a line\n", b"two\nlines\n", b"x" * 200 + b"\n", b"partial ", b"more\n", b"tail")
     try:
         mine.setblocking(False)
         peer.setblocking(False)
         for _i in range(rounds):
-            mon = Monitor(req)
+            mon = Monitor("warm-up", 64)
             try:
                 mon.log_fd = null
                 mon.wake_r = wake_r
@@ -587,8 +617,10 @@ def warm_up(rounds: int = 40) -> None:
                 for chunk in chunks:
                     os.write(out_w, chunk)
                     mon._dispatch(out_r, _IN)
-                    with contextlib.suppress(OSError):
+                    try:  # noqa: SIM105 (no contextlib here)
                         peer.recv(READ_SIZE)
+                    except OSError:
+                        pass
                 mon._dispatch(out_r, _IN)  # nothing to read: EAGAIN
                 os.write(wake_w, b"x")
                 mon._dispatch(wake_r, _IN)  # no child: ChildProcessError
@@ -598,6 +630,7 @@ def warm_up(rounds: int = 40) -> None:
                 mon._flush_stale()
                 peer.send(b"input")
                 mon._dispatch(mine.fileno(), _IN)  # no stdin: dropped
+                _warm_setup(mon)
             finally:
                 mon.ep.close()
     finally:
@@ -607,27 +640,56 @@ def warm_up(rounds: int = 40) -> None:
         peer.close()
 
 
-def _reply(conn: socket.socket, data: bytes) -> None:
+def trim_heap() -> None:
+    """Give the C heap's free memory back to the kernel (glibc ``malloc_trim``), if any."""
+    trim = getattr(_libc, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+def _warm_setup(mon: Monitor) -> None:
+    """The monitor's one-off steps after the worker's report, on dummy descriptors."""
+    out, err, stdin = os.pipe2(os.O_CLOEXEC), os.pipe2(os.O_CLOEXEC), os.pipe2(os.O_CLOEXEC)
+    report = b"\0".join([b"ok", b"1", b"-1", b"0", b"1", b"0", b"64", b"w", b".", b"w", b""])
+    a, b = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
+    null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+    fds = [null, a.detach(), b.detach(), out[0], err[0], stdin[1]]
+    mon.take_report(report, pack_fds(fds))
+    mon.listen()
+    assert mon.attach_sock is not None and mon.ctl_sock is not None
+    mon.attach_sock.close()
+    mon.ctl_sock.close()
+    for fd in (null, out[0], out[1], err[0], err[1], stdin[0], stdin[1]):
+        os.close(fd)
+    _reply(-1, b"")
+
+
+def _reply(conn: int, data: bytes) -> None:
     try:
-        conn.settimeout(5)
-        conn.sendall(data)
+        os.set_blocking(conn, True)
+        while data:
+            data = data[os.write(conn, data) :]
     except OSError:
         pass  # the requester is gone; the container is created, so the monitor goes on
 
 
-def run(conn: socket.socket, req: dict[str, Any]) -> NoReturn:
-    """Be the monitor of ``req``'s container, answering on ``conn``; exits the process.
+def run(conn: int, line: bytes) -> NoReturn:
+    """Be the monitor of the container the request ``line`` asks for; exits the process.
 
-    Called in a fresh child (the caller closed everything else it had open). The inherited
-    heap is frozen out of the garbage collector so that collections do not copy its pages.
+    Called in a fresh child of the server (or of ``python -m moorage.monitor run``) whose
+    open descriptors it does not know: all but stdio and ``conn`` (the requester's
+    connection) are closed here. The inherited heap is frozen out of the garbage collector
+    so that collections do not copy its pages.
     """
     gc.freeze()
+    os.closerange(3, conn)
+    os.closerange(conn + 1, _MAX_FD)
     code = 0
-    mon = Monitor(req)
+    mon = Monitor("-")
     try:
         try:
             mon.setup_process()
-            created = mon.create(conn)
+            created = mon.create(conn, line)
         except Exception as e:
             kill_children()
             reply(conn, {"error": f"monitor: {describe(e)}", "kind": KIND_INTERNAL})
@@ -641,7 +703,7 @@ def run(conn: socket.socket, req: dict[str, Any]) -> NoReturn:
             reply(conn, {"error": f"monitor: {describe(e)}", "kind": KIND_INTERNAL})
             os._exit(1)
         _reply(conn, b'{"pid": %d, "monitor_pid": %d}\n' % (mon.container_pid, os.getpid()))
-        conn.close()
+        os.close(conn)
         mon.loop()
         mon.finish()
     except BaseException as e:  # pragma: no cover (a bug): say what, and still exit

@@ -1,8 +1,11 @@
 """What the monitor and the daemon share: file names, the request, the exit file, wire framing.
 
-Imported by the monitor program (standard library only, loaded once by the monitor server
-before it forks) and by :mod:`moorage.monitor.client` in the daemon. Pure functions, no I/O
-beyond reading small files.
+Imported by the monitor program (loaded once by the monitor server before it forks) and by
+:mod:`moorage.monitor.client` in the daemon. Pure functions, no I/O beyond reading small
+files. The monitor program imports only C modules of the standard library where it can
+(``_socket``, ``_signal``, ``_json``...): every module imported grows the memory that monitors
+share, and Python wrappers (``json``, ``socket``, ``signal``) pull in ``re``, ``enum`` and more.
+So JSON is read and written here with ``_json`` directly (:func:`loads`, :func:`dumps`).
 
 Files of one container, in its ``state_dir`` (see ``docs/monitor.md``):
 
@@ -21,8 +24,8 @@ Server directory ``<runroot>/monitor/``: ``server.sock``, ``server.lock``, ``ser
 
 from __future__ import annotations
 
+import _json
 import binascii
-import json
 import os
 
 TYPE_CHECKING = False
@@ -45,12 +48,16 @@ ATTACH_SOCKET = "attach"
 CTL_SOCKET = "ctl"
 EXIT_FILE = "exit"
 
-#: Attach output frames: one byte naming the stream, then the bytes the container wrote.
+#: Attach output frames: one byte naming the stream, then the bytes the container wrote
+#: (at most :data:`MAX_OUTPUT_FRAME` bytes in all).
 STREAM_STDOUT = 1
 STREAM_STDERR = 2
+MAX_OUTPUT_FRAME = 64 * 1024 + 1
+#: The longest stdin packet an attach client may send; the rest of a longer one is lost.
+MAX_INPUT_PACKET = 8192
 
-#: The longest request line the server reads.
-MAX_REQUEST = 256 * 1024
+#: The longest request line the server reads (it is passed on as one packet).
+MAX_REQUEST = 64 * 1024
 #: The longest ctl request.
 MAX_CTL = 256
 #: How long a monitor lets ``runtime create`` run before it kills it.
@@ -116,6 +123,59 @@ def runtime_argv(req: dict[str, Any], console_socket: str | None) -> list[str]:
     return argv
 
 
+# -- JSON without the json package ---------------------------------------------------------
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+class _ScanContext:
+    """What ``_json.make_scanner`` reads from a ``json.JSONDecoder``."""
+
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+    parse_constant = staticmethod(_no_constant)
+
+
+_scan = _json.make_scanner(_ScanContext())  # type: ignore[arg-type]
+_WHITESPACE = " \t\n\r"
+
+
+def loads(text: str) -> Any:
+    """``json.loads`` for one document (NaN and Infinity refused); ValueError if malformed."""
+    text = text.strip(_WHITESPACE)
+    try:
+        doc, end = _scan(text, 0)
+    except StopIteration as e:
+        raise ValueError(f"not JSON at character {e.value}") from None
+    if end != len(text):
+        raise ValueError(f"extra data after JSON at character {end}")
+    return doc
+
+
+def dumps(doc: Any) -> str:
+    """``json.dumps`` (ASCII) for what the monitor writes: dicts, lists, str, int, bool, None."""
+    if doc is None:
+        return "null"
+    if doc is True:
+        return "true"
+    if doc is False:
+        return "false"
+    if isinstance(doc, int):
+        return int.__repr__(doc)
+    if isinstance(doc, str):
+        return str(_json.encode_basestring_ascii(doc))
+    if isinstance(doc, list | tuple):
+        return "[" + ", ".join(dumps(item) for item in doc) + "]"
+    if isinstance(doc, dict):
+        return "{" + ", ".join(f"{dumps(str(k))}: {dumps(v)}" for k, v in doc.items()) + "}"
+    raise TypeError(f"cannot encode {type(doc).__name__} as JSON here")
+
+
 # -- exit status -----------------------------------------------------------------------------
 
 
@@ -131,14 +191,14 @@ def exit_code_of(status: int) -> tuple[int, int | None]:
 
 def encode_exit(exit_code: int, exited_at: int, oom_killed: bool, sig: int | None) -> bytes:
     doc = {"exit_code": exit_code, "exited_at": exited_at, "oom_killed": oom_killed, "signal": sig}
-    return json.dumps(doc).encode() + b"\n"
+    return dumps(doc).encode() + b"\n"
 
 
 def decode_exit(raw: bytes) -> dict[str, Any] | None:
     """The exit file's fields, checked; ``None`` if it is not a complete exit record."""
     try:
-        doc = json.loads(raw)
-    except ValueError:
+        doc = loads(raw.decode("utf-8"))
+    except ValueError:  # UnicodeDecodeError too
         return None
     if not isinstance(doc, dict):
         return None
