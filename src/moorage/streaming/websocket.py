@@ -21,6 +21,7 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 
 from moorage import log
+from moorage.streaming.idle import IdleReader
 
 _log = log.get("moorage.streaming")
 
@@ -33,7 +34,6 @@ WRITE_HARD_LIMIT = 8 * 1024 * 1024
 CHANNEL_BUFFER = 1024 * 1024
 #: The largest message accepted from a client.
 MAX_MESSAGE = 4 * 1024 * 1024
-READ_SIZE = 64 * 1024
 CLOSE_GRACE = 5.0
 
 
@@ -100,7 +100,7 @@ class WsOutput:
                 await self.conn.send_raw(bytes((CLOSE_SIGNAL, self.channel)))
 
 
-class WsConnection:
+class WsConnection(IdleReader):
     """One accepted WebSocket connection speaking the channel protocol; run :meth:`run`."""
 
     def __init__(
@@ -160,20 +160,6 @@ class WsConnection:
         finally:
             self._mark_lost()
 
-    async def _read(self) -> bytes:
-        while True:
-            timeout = None
-            if self.idle_timeout:
-                timeout = self._active + self.idle_timeout - self._loop.time()
-                if timeout <= 0:
-                    raise TimeoutError("idle")
-            try:
-                async with asyncio.timeout(timeout):
-                    chunk = await self.reader.read(READ_SIZE)
-            except TimeoutError:
-                continue
-            self._active = self._loop.time()
-            return chunk
 
     async def _process(self) -> None:
         for event in self.protocol.events_received():

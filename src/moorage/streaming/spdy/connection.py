@@ -24,6 +24,7 @@ from collections import deque
 from collections.abc import Callable
 
 from moorage import log
+from moorage.streaming.idle import IdleReader
 from moorage.streaming.spdy import frames
 from moorage.streaming.spdy.frames import GoAwayStatus, ProtocolError, RstStatus
 from moorage.streaming.spdy.headers import Compressor, Decompressor, HeaderMap
@@ -38,7 +39,6 @@ WRITE_HIGH = 256 * 1024
 WRITE_HARD_LIMIT = 8 * 1024 * 1024
 #: Bytes of one stream's input kept for its reader before the connection stops reading.
 STREAM_BUFFER = 1024 * 1024
-READ_SIZE = 64 * 1024
 #: How long close() lets the peer read what was sent before the socket is closed.
 CLOSE_GRACE = 5.0
 
@@ -137,7 +137,7 @@ class SpdyStream:
         self.conn.streams.pop(self.id, None)
 
 
-class SpdyConnection:
+class SpdyConnection(IdleReader):
     """The server side of one upgraded connection; run :meth:`run` in a task."""
 
     def __init__(
@@ -193,20 +193,6 @@ class SpdyConnection:
         finally:
             self._mark_lost()
 
-    async def _read(self) -> bytes:
-        while True:
-            timeout = None
-            if self.idle_timeout:
-                timeout = self._active + self.idle_timeout - self._loop.time()
-                if timeout <= 0:
-                    raise TimeoutError("idle")
-            try:
-                async with asyncio.timeout(timeout):
-                    chunk = await self.reader.read(READ_SIZE)
-            except TimeoutError:
-                continue  # the loop decides whether writes kept it alive
-            self._active = self._loop.time()
-            return chunk
 
     async def _feed(self, chunk: bytes) -> None:
         for frame in self._parser.feed(chunk):
