@@ -14,7 +14,6 @@ import asyncio
 import base64
 import binascii
 import contextlib
-from collections import deque
 
 from websockets.frames import Frame, Opcode
 from websockets.protocol import State
@@ -22,6 +21,7 @@ from websockets.server import ServerProtocol
 
 from moorage import log
 from moorage.streaming.idle import IdleReader
+from moorage.streaming.inbound import InboundBuffer
 
 _log = log.get("moorage.streaming")
 
@@ -37,44 +37,15 @@ MAX_MESSAGE = 4 * 1024 * 1024
 CLOSE_GRACE = 5.0
 
 
-class WsInput:
+class WsInput(InboundBuffer):
     """A channel the client writes (a :class:`~moorage.streaming.api.Reader`)."""
 
     def __init__(self, max_buffer: int = CHANNEL_BUFFER) -> None:
-        self._max = max_buffer
-        self._chunks: deque[bytes] = deque()
-        self._size = 0
-        self._readable = asyncio.Event()
-        self._room = asyncio.Event()
-        self._room.set()
-        self.closed = False
+        super().__init__(max_buffer)
 
-    async def read(self) -> bytes:
-        while not self._chunks:
-            if self.closed:
-                return b""
-            self._readable.clear()
-            await self._readable.wait()
-        data = self._chunks.popleft()
-        self._size -= len(data)
-        if self._size < self._max:
-            self._room.set()
-        return data
-
-    async def _deliver(self, data: bytes) -> None:
-        while self._size >= self._max and not self.closed:
-            self._room.clear()
-            await self._room.wait()
-        if self.closed or not data:
-            return
-        self._chunks.append(data)
-        self._size += len(data)
-        self._readable.set()
-
-    def _end(self) -> None:
-        self.closed = True
-        self._readable.set()
-        self._room.set()
+    @property
+    def closed(self) -> bool:
+        return self.ended
 
 
 class WsOutput:

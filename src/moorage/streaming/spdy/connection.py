@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import deque
 from collections.abc import Callable
 
 from moorage import log
 from moorage.streaming.idle import IdleReader
+from moorage.streaming.inbound import InboundBuffer
 from moorage.streaming.spdy import frames
 from moorage.streaming.spdy.frames import GoAwayStatus, ProtocolError, RstStatus
 from moorage.streaming.spdy.headers import Compressor, Decompressor, HeaderMap
@@ -43,25 +43,18 @@ STREAM_BUFFER = 1024 * 1024
 CLOSE_GRACE = 5.0
 
 
-class SpdyStream:
+class SpdyStream(InboundBuffer):
     """One stream opened by the peer: a :class:`~moorage.streaming.api.Reader` of its data
     and a :class:`~moorage.streaming.api.Writer` of ours."""
 
     def __init__(self, conn: SpdyConnection, stream_id: int, headers: HeaderMap,
                  max_buffer: int) -> None:
+        super().__init__(max_buffer)
         self.conn = conn
         self.id = stream_id
         self.headers = headers
-        self._max = max_buffer
-        self._chunks: deque[bytes] = deque()
-        self._size = 0
-        self._readable = asyncio.Event()
-        self._room = asyncio.Event()
-        self._room.set()
-        self.remote_closed = False  # FIN or RST received (or the connection is gone)
         self.local_closed = False  # FIN sent
         self.reset = False
-        self._discard = False
 
     def __repr__(self) -> str:
         return f"SpdyStream({self.id}, {self.header('streamtype')!r})"
@@ -72,39 +65,17 @@ class SpdyStream:
 
     # -- input ---------------------------------------------------------------------------
 
-    def discard_input(self) -> None:
-        """Nobody reads this stream: drop what the peer sends on it."""
-        self._discard = True
-        self._chunks.clear()
-        self._size = 0
-        self._room.set()
+    @property
+    def remote_closed(self) -> bool:
+        """FIN or RST received (or the connection is gone)."""
+        return self.ended
 
-    async def read(self) -> bytes:
-        while not self._chunks:
-            if self.remote_closed:
-                return b""
-            self._readable.clear()
-            await self._readable.wait()
-        data = self._chunks.popleft()
-        self._size -= len(data)
-        if self._size < self._max:
-            self._room.set()
-        return data
-
-    async def _deliver(self, data: bytes) -> None:
-        while self._size >= self._max and not (self.remote_closed or self._discard):
-            self._room.clear()
-            await self._room.wait()
-        if self.remote_closed or self._discard or not data:
-            return
-        self._chunks.append(data)
-        self._size += len(data)
-        self._readable.set()
+    @remote_closed.setter
+    def remote_closed(self, value: bool) -> None:
+        self.ended = value
 
     def _end_input(self) -> None:
-        self.remote_closed = True
-        self._readable.set()
-        self._room.set()
+        self._end()
 
     # -- output --------------------------------------------------------------------------
 
