@@ -27,7 +27,7 @@ from moorage.image.pull import Puller
 from moorage.image.registry import RegistryClient
 from moorage.image.store import ImageStore
 from moorage.monitor.client import MonitorClient
-from moorage.network.cni import CNIManager
+from moorage.network import CNIManager
 from moorage.oci.runtime import OciRuntime
 from moorage.sandbox import cgroups
 from moorage.sandbox.manager import Paths, SandboxManager

@@ -1,6 +1,7 @@
 """Pod networking through CNI plugins (see ``cni.CNIManager``)."""
 
-from moorage.network.cni import CNIManager, is_netns
+from moorage.network.cni import CNIManager
+from moorage.network.netns import is_netns
 from moorage.network.types import (
     AttachRequest,
     AttachResult,

@@ -46,23 +46,12 @@ from moorage.network.result import parse_result, result_ips
 from moorage.network.types import (
     AttachRequest,
     AttachResult,
-    Bandwidth,
     CNIError,
     NetworkNotReady,
-    PortMapping,
 )
 from moorage.state import records
 
-__all__ = [
-    "AttachRequest",
-    "AttachResult",
-    "Bandwidth",
-    "CNIError",
-    "CNIManager",
-    "NetworkNotReady",
-    "PortMapping",
-    "is_netns",
-]
+__all__ = ["CNIManager"]
 
 CACHE_KIND = "cni-attachment"
 NOT_READY_REASON = "NetworkPluginNotReady"

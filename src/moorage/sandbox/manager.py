@@ -20,7 +20,7 @@ from pathlib import Path
 
 from moorage import log
 from moorage.errors import AlreadyExists, InvalidArgument, MoorageError, NotFound
-from moorage.network.cni import AttachRequest, CNIManager
+from moorage.network import AttachRequest, CNIManager
 from moorage.sandbox import cgroups, files, namespaces
 from moorage.sandbox.model import Mode, Sandbox, SandboxSpec, State
 from moorage.state import records

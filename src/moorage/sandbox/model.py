@@ -6,7 +6,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-from moorage.network.cni import Bandwidth, PortMapping
+from moorage.network import Bandwidth, PortMapping
 from moorage.sandbox.cgroups import Resources
 from moorage.sandbox.files import DnsConfig
 from moorage.util import codec

@@ -8,7 +8,7 @@ from typing import Any
 
 from moorage.cri.v1 import api_pb2 as pb
 from moorage.errors import InvalidArgument
-from moorage.network.cni import Bandwidth, PortMapping
+from moorage.network import Bandwidth, PortMapping
 from moorage.sandbox.cgroups import Resources
 from moorage.sandbox.files import DnsConfig
 from moorage.sandbox.manager import SandboxFilter, SandboxManager

@@ -13,8 +13,13 @@ class IdleReader:
 
     reader: asyncio.StreamReader
     idle_timeout: float | None
+    lost: asyncio.Event  # set once the connection is gone
     _active: float
     _loop: asyncio.AbstractEventLoop
+
+    @property
+    def is_lost(self) -> bool:
+        return self.lost.is_set()
 
     async def _read(self) -> bytes:
         while True:

@@ -107,10 +107,6 @@ class WsConnection(IdleReader):
     def output(self, channel: int) -> WsOutput:
         return WsOutput(self, channel)
 
-    @property
-    def is_lost(self) -> bool:
-        return self.lost.is_set()
-
     # -- reading -------------------------------------------------------------------------
 
     async def run(self) -> None:

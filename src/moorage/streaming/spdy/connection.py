@@ -140,10 +140,6 @@ class SpdyConnection(IdleReader):
         transport = writer.transport
         transport.set_write_buffer_limits(high=WRITE_HIGH)
 
-    @property
-    def is_lost(self) -> bool:
-        return self.lost.is_set()
-
     # -- reading -------------------------------------------------------------------------
 
     async def run(self) -> None:
