@@ -11,6 +11,7 @@ import json
 import os
 import re
 import secrets
+import select
 import signal
 import subprocess
 import sys
@@ -87,11 +88,26 @@ def code_of(fn: Callable[[], object]) -> grpc.StatusCode:
     return e.value.code()  # type: ignore[no-any-return]
 
 
-def wait_for(text: bytes, proc: subprocess.Popen[bytes], seen: bytearray) -> None:
-    assert proc.stdout is not None
+def wait_for(text: bytes, proc: subprocess.Popen[bytes], seen: bytearray,
+             ask: bytes = b"") -> None:
+    """Read the client's output until ``text`` shows, within 30 s (never blocking past it).
+
+    ``ask`` is written again each second while waiting: a command typed before the
+    terminal size reached the pty would report the old size.
+    """
+    assert proc.stdout is not None and proc.stdin is not None
     deadline = time.monotonic() + 30
+    next_ask = 0.0
     while text not in seen:
-        assert time.monotonic() < deadline, bytes(seen)
+        now = time.monotonic()
+        assert now < deadline, bytes(seen)
+        if ask and now >= next_ask:
+            proc.stdin.write(ask)
+            proc.stdin.flush()
+            next_ask = now + 1.0
+        ready, _, _ = select.select([proc.stdout.fileno()], [], [], 0.2)
+        if not ready:
+            continue
         chunk = os.read(proc.stdout.fileno(), 4096)
         assert chunk, bytes(seen)
         seen += chunk
@@ -159,15 +175,10 @@ def test_tty_exec_with_resize(streams: Streams, env: Env) -> None:  # noqa: F811
     assert proc.stdin is not None
     seen = bytearray()
     try:
-        proc.stdin.write(b"stty size\n")
-        proc.stdin.flush()
-        wait_for(b"33 111", proc, seen)
+        wait_for(b"33 111", proc, seen, ask=b"stty size\n")
         # SIGUSR1 to the Go client (nsenter execs it: same pid) sends the next size.
         proc.send_signal(signal.SIGUSR1)
-        time.sleep(0.5)
-        proc.stdin.write(b"stty size\n")
-        proc.stdin.flush()
-        wait_for(b"50 132", proc, seen)
+        wait_for(b"50 132", proc, seen, ask=b"stty size\n")
         proc.stdin.write(b"exit 5\n")
         proc.stdin.flush()
         proc.wait(timeout=30)
@@ -247,14 +258,9 @@ def test_attach_to_a_running_tty_container(streams: Streams, env: Env) -> None: 
         proc.stdin.write(b"echo from-$((6*7))\n")
         proc.stdin.flush()
         wait_for(b"from-42", proc, seen)
-        proc.stdin.write(b"stty size\n")
-        proc.stdin.flush()
-        wait_for(b"40 100", proc, seen)
+        wait_for(b"40 100", proc, seen, ask=b"stty size\n")
         proc.send_signal(signal.SIGUSR1)
-        time.sleep(0.5)
-        proc.stdin.write(b"stty size\n")
-        proc.stdin.flush()
-        wait_for(b"45 120", proc, seen)
+        wait_for(b"45 120", proc, seen, ask=b"stty size\n")
         proc.stdin.write(b"exit 0\n")  # the container's shell ends: so does the attach
         proc.stdin.flush()
         proc.wait(timeout=30)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -234,7 +235,7 @@ class ContainerRpcs:
         c = self.containers.get(_required(request.container_id))
         info: dict[str, str] = {}
         if request.verbose:
-            info["info"] = json.dumps(self._verbose(c))
+            info["info"] = json.dumps(await asyncio.to_thread(self._verbose, c))
         return pb.ContainerStatusResponse(status=to_status(c), info=info)
 
     def _verbose(self, c: Container) -> dict[str, Any]:

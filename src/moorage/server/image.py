@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -125,7 +126,7 @@ class ImageService(pb_grpc.ImageServiceServicer):
     async def ImageFsInfo(self, request: pb.ImageFsInfoRequest, context: Ctx
                           ) -> pb.ImageFsInfoResponse:
         return pb.ImageFsInfoResponse(
-            image_filesystems=[_fs_usage(self.store.usage())],
+            image_filesystems=[_fs_usage(await asyncio.to_thread(self.store.usage))],
             container_filesystems=[_fs_usage(await self.container_fs())],
         )
 
