@@ -103,6 +103,23 @@ def go_client(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build("spdyclient", tmp_path_factory.mktemp("go"))
 
 
+def _wait_for_listener(netns: str, port: int, deadline: float = 20.0) -> None:
+    """``runc start`` returns once the init process is exec'd, not once httpd listens:
+    wait (bounded) until the pod's loopback takes a connection on ``port``."""
+    async def probe() -> None:
+        async with asyncio.timeout(deadline):
+            while True:
+                try:
+                    sock = await dial(netns, port, timeout=1.0)
+                except OSError:
+                    await asyncio.sleep(0.05)
+                    continue
+                sock.close()
+                return
+
+    asyncio.run(probe())
+
+
 @pytest.fixture
 def container(tmp_path: Path) -> Iterator[tuple[OciRuntime, str, str]]:
     """A running busybox container (httpd on 8080) in a network namespace made here."""
@@ -138,6 +155,7 @@ def container(tmp_path: Path) -> Iterator[tuple[OciRuntime, str, str]]:
             subprocess.run([RUNC, *runtime.global_args, *args], stdin=subprocess.DEVNULL,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True,
                            timeout=60)
+        _wait_for_listener(netns, 8080)
         yield runtime, cid, netns
     finally:
         subprocess.run([RUNC, *runtime.global_args, "delete", "--force", cid],
