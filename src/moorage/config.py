@@ -108,6 +108,40 @@ class RuntimeConfig(_Section):
         description="The infra process of pods whose containers share a PID namespace "
         "(pause mode; needs no image).",
     )
+    seccomp_use_default_when_empty: bool = Field(
+        False,
+        description="Run containers whose request names no seccomp profile with the "
+        "RuntimeDefault profile instead of unconfined. CRI-O's option of that name (it "
+        "defaulted to true until CRI-O 1.30 removed it in favour of kubelet's "
+        "SeccompDefault); off by default, as current CRI-O and containerd behave and the CRI "
+        "says.",
+    )
+    seccomp_profile: str = Field(
+        "",
+        description="Absolute path of the seccomp profile (docker/containers-common or OCI "
+        "format) that RuntimeDefault means; empty means moorage's built-in profile. Re-read "
+        "on SIGHUP.",
+    )
+    apparmor_profile: str = Field(
+        "moorage-default",
+        description="AppArmor profile of RuntimeDefault (and of containers that name none) "
+        "where AppArmor is enabled: moorage-default is loaded from moorage's template when "
+        "missing; another name must be loaded; unconfined turns it off.",
+    )
+
+    @field_validator("seccomp_profile")
+    @classmethod
+    def _profile_path(cls, value: str) -> str:
+        if value and not value.startswith("/"):
+            raise ValueError("must be an absolute path (or empty for the built-in profile)")
+        return value
+
+    @field_validator("apparmor_profile")
+    @classmethod
+    def _profile_name(cls, value: str) -> str:
+        if not value.strip() or any(c.isspace() for c in value) or "\0" in value:
+            raise ValueError("must be a profile name")
+        return value
 
 
 class NetworkConfig(_Section):
@@ -147,12 +181,24 @@ class ImageConfig(_Section):
         description="Seconds a pull may make no progress before it fails; 0 turns it off.",
     )
     max_manifest_size: int = Field(
-        4 * MIB, ge=64 * 1024, description="Largest manifest or image config accepted, in bytes."
+        4 * MIB,
+        ge=64 * 1024,
+        description="Largest manifest, image index or image config accepted, in bytes; a "
+        "larger one fails the pull with RESOURCE_EXHAUSTED.",
     )
     max_layer_size: int = Field(
         0,
         ge=0,
-        description="Largest uncompressed layer accepted, in bytes; 0 means no limit.",
+        description="Largest uncompressed layer accepted, in bytes, counted while the layer "
+        "streams (a small gzip or zstd blob that expands past it is stopped there: a zip "
+        "bomb); a larger one fails the pull with RESOURCE_EXHAUSTED. 0 means no limit, as "
+        "in CRI-O and containerd.",
+    )
+    max_layer_entries: int = Field(
+        0,
+        ge=0,
+        description="Most tar entries (files, directories, links...) one layer may hold; "
+        "more fail the pull with RESOURCE_EXHAUSTED. 0 means no limit.",
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import os
@@ -17,10 +18,12 @@ from typing import Any
 import grpc
 
 from moorage import __version__, config, log, metrics
+from moorage.container import apparmor, seccomp
 from moorage.container.manager import ContainerManager
 from moorage.container.manager import Paths as ContainerPaths
 from moorage.container.spec import SpecOptions
 from moorage.cri.v1 import api_pb2_grpc as pb_grpc
+from moorage.errors import MoorageError
 from moorage.events import ContainerEvent, EventBroadcaster, watch_containers
 from moorage.image import registries
 from moorage.image.pull import Puller
@@ -87,6 +90,28 @@ def _systemd_is_init() -> bool:
     return Path("/run/systemd/system").is_dir()
 
 
+#: runtime.* keys that a SIGHUP applies (with default_runtime).
+CONFINEMENT_KEYS = ("seccomp_use_default_when_empty", "seccomp_profile", "apparmor_profile")
+
+
+def _confinement(runtime: config.RuntimeConfig) -> dict[str, Any]:
+    """The SpecOptions fields of the seccomp and AppArmor settings: the seccomp profile
+    read and checked, the AppArmor default profile loaded (or found loaded), as CRI-O does
+    at start and on reload. Blocking; MoorageError naming the key when unusable."""
+    profile = (seccomp.load_file(runtime.seccomp_profile, "runtime.seccomp_profile")
+               if runtime.seccomp_profile else None)
+    name = runtime.apparmor_profile
+    if apparmor.enabled() and name != apparmor.UNCONFINED:
+        if name == apparmor.DEFAULT_PROFILE:
+            apparmor.ensure_default(name)
+        elif name not in apparmor.loaded_profiles():
+            raise MoorageError(f"runtime.apparmor_profile: AppArmor profile {name!r} is not "
+                               "loaded")
+    return {"seccomp_profile": profile,
+            "seccomp_use_default_when_empty": runtime.seccomp_use_default_when_empty,
+            "apparmor_profile": name}
+
+
 class Daemon:
     def __init__(self, cfg: config.Config,
                  reload: Callable[[], config.Config] | None = None) -> None:
@@ -131,6 +156,7 @@ class Daemon:
             max_concurrent_downloads=cfg.image.max_concurrent_downloads,
             max_manifest_size=cfg.image.max_manifest_size,
             max_layer_size=cfg.image.max_layer_size,
+            max_layer_entries=cfg.image.max_layer_entries,
         )
         overlay_dir = cfg.root / "overlay"
         if cfg.runtime.cgroup_manager == "systemd" and not _systemd_is_init():
@@ -155,6 +181,10 @@ class Daemon:
         await self.monitor.ensure_server()
         default_rt = runtimes[cfg.runtime.default_runtime]
         features = await default_rt.features()
+        try:
+            confinement = await asyncio.to_thread(_confinement, cfg.runtime)
+        except MoorageError as e:
+            raise StartError(e.message) from e
         memory_root = layout.v1_controllers.get("memory") if layout.version == 1 else (
             layout.unified)
         self.containers = ContainerManager(
@@ -165,6 +195,7 @@ class Daemon:
                 cgroup_driver=cfg.runtime.cgroup_manager, cgroup_v2=layout.version == 2,
                 restrict_oom_score_adj=cfg.runtime.restrict_oom_score_adj,
                 rro_supported="rro" in features.get("mountOptions", []),
+                **confinement,
             ),
             memory_cgroup_root=Path(memory_root) if memory_root else None,
             log_max_line=cfg.runtime.log_max_line_size,
@@ -283,11 +314,22 @@ class Daemon:
             self.sandboxes.default_handler = new.runtime.default_runtime
             self.runtime_service.handlers = list(new.runtimes)
             changed.append("runtimes")
+        try:
+            confinement = await asyncio.to_thread(_confinement, new.runtime)
+        except MoorageError as e:
+            _log.error("daemon.reload_failed", key="runtime seccomp/apparmor", error=str(e))
+            return
+        self.containers.spec_options = dataclasses.replace(self.containers.spec_options,
+                                                           **confinement)
+        changed += [f"runtime.{k}" for k in CONFINEMENT_KEYS
+                    if getattr(new.runtime, k) != getattr(old.runtime, k)
+                    or (k == "seccomp_profile" and new.runtime.seccomp_profile)]
         live = {"log_level", "log_format", "image", "runtimes", "runtime"}
         old_data, new_data = old.model_dump(), new.model_dump()
         restart = sorted(k for k in new_data if k not in live and new_data[k] != old_data[k])
         restart += sorted(f"runtime.{k}" for k, v in new_data["runtime"].items()
-                          if k != "default_runtime" and v != old_data["runtime"][k])
+                          if k not in ("default_runtime", *CONFINEMENT_KEYS)
+                          and v != old_data["runtime"][k])
         restart += sorted(f"image.{k}" for k, v in new_data["image"].items()
                           if k != "registries_conf" and v != old_data["image"][k])
         self.cfg = new.model_copy(update={k: getattr(old, k) for k in ("api", "root", "runroot",

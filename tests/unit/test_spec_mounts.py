@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from moorage.container import defaults
 from moorage.container.model import ContainerResources, Device, Mount
 from moorage.container.spec import host_devices, oci_resources
 from moorage.errors import FailedPrecondition, InvalidArgument
@@ -245,7 +246,7 @@ def test_devices() -> None:
         }
     ]
     assert linux["resources"]["devices"] == [
-        {"allow": False, "access": "rwm"},
+        *defaults.DEVICE_RULES,  # deny all, then the standard devices
         {"allow": True, "type": "c", "major": 1, "minor": 3, "access": "rw"},
     ]
 
@@ -253,7 +254,7 @@ def test_devices() -> None:
 def test_no_devices_denies_all() -> None:
     linux = build()["linux"]
     assert linux["devices"] == []
-    assert linux["resources"]["devices"] == [{"allow": False, "access": "rwm"}]
+    assert linux["resources"]["devices"] == list(defaults.DEVICE_RULES)
 
 
 def test_device_directory(tmp_path: Path) -> None:
@@ -264,7 +265,7 @@ def test_device_directory(tmp_path: Path) -> None:
     (d / "file").write_text("")
     doc = build(spec=make_spec(devices=(Device("/dev/x", str(d), "r"),)))
     assert doc["linux"]["devices"] == []
-    assert doc["linux"]["resources"]["devices"] == [{"allow": False, "access": "rwm"}]
+    assert doc["linux"]["resources"]["devices"] == list(defaults.DEVICE_RULES)
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,5 @@
-"""Capabilities, privileged containers, masked and read-only paths, namespaces, seccomp and
-AppArmor refusals, oom_score_adj."""
+"""Capabilities, privileged containers, masked and read-only paths, the device cgroup,
+namespaces, seccomp and AppArmor in the document, oom_score_adj."""
 
 from __future__ import annotations
 
@@ -230,43 +230,42 @@ def test_cgroup_namespace_on_v2() -> None:
     assert {"type": "cgroup"} not in ns_of(build())
 
 
-# -- seccomp, AppArmor -----------------------------------------------------------------------------
+# -- seccomp, AppArmor (details: test_seccomp.py, test_apparmor.py) -------------------------------
 
 
 def test_unconfined_profiles_accepted() -> None:
-    doc = build(spec=make_spec(sec={"seccomp": SecurityProfile(), "apparmor": SecurityProfile()}))
-    assert "seccomp" not in doc["linux"]
+    doc = build(spec=make_spec(sec={"seccomp": SecurityProfile("Unconfined"),
+                                    "apparmor": SecurityProfile("Unconfined")}))
+    assert "seccomp" not in doc["linux"] and "apparmorProfile" not in doc["process"]
 
 
-@pytest.mark.parametrize(
-    ("sec", "options", "match"),
-    [
-        (
-            {"seccomp": SecurityProfile("RuntimeDefault")},
-            {},
-            "seccomp profile RuntimeDefault is not supported yet",
-        ),
-        (
-            {"seccomp": SecurityProfile("Localhost", "/var/lib/kubelet/seccomp/x.json")},
-            {},
-            "seccomp profile Localhost '/var/lib/kubelet/seccomp/x.json' is not supported",
-        ),
-        ({"apparmor": SecurityProfile("Localhost", "k8s-x")}, {}, "AppArmor profile Localhost"),
-        (
-            {"apparmor": SecurityProfile("RuntimeDefault")},
-            {"apparmor_enabled": True},
-            "AppArmor profile RuntimeDefault is not supported yet",
-        ),
-    ],
-)
-def test_profiles_refused(sec: dict[str, Any], options: dict[str, Any], match: str) -> None:
-    with pytest.raises(FailedPrecondition, match=match):
-        build(spec=make_spec(sec=sec), options=opts(**options))
+def test_runtime_default_profiles() -> None:
+    sec = {"seccomp": SecurityProfile("RuntimeDefault"),
+           "apparmor": SecurityProfile("RuntimeDefault")}
+    doc = build(spec=make_spec(sec=sec))
+    assert doc["linux"]["seccomp"]["defaultAction"] == "SCMP_ACT_ERRNO"
+    assert "apparmorProfile" not in doc["process"]  # no AppArmor on this (test) host: none
+    on = opts(apparmor_enabled=True, apparmor_loaded=frozenset({"moorage-default"}))
+    assert build(spec=make_spec(sec=sec), options=on)["process"]["apparmorProfile"] == (
+        "moorage-default")
 
 
-def test_apparmor_runtime_default_without_apparmor() -> None:
-    doc = build(spec=make_spec(sec={"apparmor": SecurityProfile("RuntimeDefault")}))
-    assert "apparmorProfile" not in doc["process"]
+def test_apparmor_localhost_refused_without_apparmor() -> None:
+    with pytest.raises(FailedPrecondition, match="AppArmor is not enabled on this host"):
+        build(spec=make_spec(sec={"apparmor": SecurityProfile("Localhost", "k8s-x")}))
+
+
+def test_device_cgroup_defaults() -> None:
+    rules = build()["linux"]["resources"]["devices"]
+    assert rules[0] == {"allow": False, "access": "rwm"}  # deny all first
+    allowed = {(r.get("type"), r.get("major"), r.get("minor"), r["access"]) for r in rules[1:]}
+    assert allowed == {
+        ("c", None, None, "m"), ("b", None, None, "m"),  # mknod of anything
+        ("c", 1, 3, "rwm"), ("c", 1, 5, "rwm"), ("c", 1, 7, "rwm"),  # null zero full
+        ("c", 1, 8, "rwm"), ("c", 1, 9, "rwm"),  # random urandom
+        ("c", 5, 0, "rwm"), ("c", 5, 1, "rwm"), ("c", 5, 2, "rwm"),  # tty console ptmx
+        ("c", 136, None, "rwm"),  # /dev/pts/*
+    }
 
 
 # -- oom_score_adj ---------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from moorage.sandbox.cgroups import Resources
+from moorage.sandbox.model import UserNamespace
+from moorage.util.idmap import IdMapping
 
 Propagation = Literal["private", "rslave", "rshared"]
 
@@ -28,6 +30,10 @@ class Mount:
     propagation: Propagation = "private"
     recursive_read_only: bool = False
     selinux_relabel: bool = False
+    #: An idmapped bind mount (CRI uidMappings/gidMappings; kubelet sets the pod's for
+    #: volumes of a pod with a user namespace): both or neither.
+    uid_mappings: tuple[IdMapping, ...] = ()
+    gid_mappings: tuple[IdMapping, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -39,9 +45,12 @@ class Device:
 
 @dataclass(frozen=True)
 class SecurityProfile:
-    """CRI SecurityProfile: ``RuntimeDefault``, ``Unconfined`` or ``Localhost`` + a ref."""
+    """CRI SecurityProfile: ``RuntimeDefault``, ``Unconfined`` or ``Localhost`` + a ref
+    (seccomp: a host path; AppArmor: a profile name). ``""``: the request named none (the
+    runtime's choice: unconfined seccomp unless ``seccomp_use_default_when_empty``, the
+    default AppArmor profile where AppArmor is enabled)."""
 
-    kind: Literal["RuntimeDefault", "Unconfined", "Localhost"] = "Unconfined"
+    kind: Literal["", "RuntimeDefault", "Unconfined", "Localhost"] = ""
     localhost_ref: str = ""
 
 
@@ -63,6 +72,8 @@ class SecurityContext:
     readonly_paths: tuple[str, ...] | None = None
     seccomp: SecurityProfile = field(default_factory=SecurityProfile)
     apparmor: SecurityProfile = field(default_factory=SecurityProfile)
+    #: CRI SELinuxOption (user, role, type, level), () when not given; ignored (logged).
+    selinux_options: tuple[str, ...] = ()
     #: CRI NamespaceMode numbers: 0 POD, 1 CONTAINER, 2 NODE, 3 TARGET.
     pid_mode: int = 1
     target_id: str = ""
@@ -96,6 +107,8 @@ class ContainerSpec:
     resources: ContainerResources = field(default_factory=ContainerResources)
     security: SecurityContext = field(default_factory=SecurityContext)
     stop_signal: str = ""  # e.g. "SIGTERM"; empty: the image's, else SIGTERM
+    #: namespace_options.userns_options; None when not given (the pod's then).
+    userns: UserNamespace | None = None
 
 
 @dataclass(frozen=True)
@@ -118,6 +131,10 @@ class SandboxView:
     privileged: bool = False
     host_network: bool = False
     host_pid: bool = False  # pod pid mode NODE
+    #: The pod's pinned user namespace and its mappings; None/(): the host's.
+    user_ns: str | None = None
+    uid_mappings: tuple[IdMapping, ...] = ()
+    gid_mappings: tuple[IdMapping, ...] = ()
 
 
 @dataclass(frozen=True)

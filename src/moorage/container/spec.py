@@ -52,6 +52,10 @@ containerd's ``internal/cri/opts``, unless said otherwise):
     (InvalidArgument when the pod has none), NODE the host's, TARGET the ``target_pid_ns``
     path the caller found for ``target_id`` (InvalidArgument when not given). mount always
     new; cgroup new on cgroup v2 for unprivileged containers.
+    user: the pod's pinned user namespace (first in the list), with ``linux.uidMappings`` /
+    ``gidMappings`` set to the pod's mappings (runc 1.1 wants them even to join by path).
+    Capabilities are then the user namespace's. A CRI mount with ``uidMappings`` must
+    arrive prepared (the container manager makes the idmapped mount; runc 1.1 has none).
 ``mounts``
     The defaults (:mod:`moorage.container.defaults`), the pod's ``/dev/shm`` (its tmpfs, or
     the host's ``/dev/shm`` for host IPC), ``/etc/hostname``, ``/etc/hosts`` and
@@ -69,8 +73,9 @@ containerd's ``internal/cri/opts``, unless said otherwise):
 ``linux.devices`` / ``linux.resources.devices``
     Each CRI device: type, major, minor, mode and owner from ``stat`` of the host path
     (symbolic links followed); a directory gives every device below it (CRI-O). The device
-    cgroup denies everything, then allows each CRI device with its permissions; runc adds
-    its standard devices (null, zero, full, random, urandom, tty, ptmx, pts) by itself.
+    cgroup (:data:`defaults.DEVICE_RULES`) denies everything, allows mknod of any device
+    and the standard devices (null, zero, full, random, urandom, tty, console, ptmx, pts:
+    runc's own defaults, written out), then each CRI device with its permissions.
 ``linux.resources``
     CPU shares, quota, period, cpuset; memory limit and swap in runc's v1 semantics (swap =
     memory + swap; runc converts for v2 itself), swap = limit when unset and the host
@@ -79,12 +84,22 @@ containerd's ``internal/cri/opts``, unless said otherwise):
     set, raised to the daemon's own value when ``restrict_oom_score_adj`` (containerd).
 ``linux.cgroupsPath``
     :func:`cgroups_path`.
-seccomp / AppArmor
-    Not implemented yet: ``Unconfined`` (the default) is accepted; a seccomp
-    ``RuntimeDefault`` or ``Localhost`` profile is refused (FailedPrecondition) rather than
-    silently not applied. AppArmor ``RuntimeDefault`` on a host without AppArmor means
-    unconfined (CRI-O); on a host with AppArmor it and ``Localhost`` are refused. A
-    privileged container ignores both (CRI).
+``linux.seccomp``
+    :mod:`moorage.container.seccomp`: ``RuntimeDefault`` is the configured default profile
+    (``SpecOptions.seccomp_profile``, else the built-in one), ``Localhost`` the profile in
+    the file ``localhost_ref`` names (NotFound / InvalidArgument naming it when missing or
+    invalid), rendered for the container's bounding capabilities (``CAP_SYS_ADMIN``
+    unlocks mount, unshare...). ``Unconfined``: none. A request that names no profile is
+    unconfined, or RuntimeDefault with ``seccomp_use_default_when_empty``. On a kernel
+    without seccomp, RuntimeDefault and nothing mean none and Localhost is a
+    FailedPrecondition (CRI-O).
+``process.apparmorProfile``
+    :mod:`moorage.container.apparmor` (CRI-O's rules: the default profile where AppArmor
+    is enabled, loaded on demand; Localhost names a loaded profile; none on a host without
+    AppArmor, where Localhost is a FailedPrecondition).
+SELinux
+    Not supported: ``selinux_options`` are ignored with a log line naming the container
+    (CRI-O without ``selinux = true`` does the same), never an error.
 ``hostname``
     The pod's, when the container has the pod's UTS namespace (never for host network).
 ``annotations``
@@ -109,7 +124,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from moorage.container import defaults
+from moorage import log
+from moorage.container import apparmor, defaults, seccomp
 from moorage.container.model import (
     ContainerResources,
     ContainerSpec,
@@ -122,6 +138,7 @@ from moorage.container.model import (
 from moorage.container.users import ResolvedUser, resolve_user
 from moorage.errors import FailedPrecondition, InvalidArgument
 from moorage.sandbox import cgroups
+from moorage.util.idmap import IdMapping
 
 __all__ = [
     "OCI_VERSION",
@@ -144,6 +161,7 @@ OCI_VERSION = "1.0.2-dev"
 POD, CONTAINER, NODE, TARGET = 0, 1, 2, 3
 
 _SC = "config.linux.security_context"
+_log = log.get("moorage.container.spec")
 _RES = "config.linux.resources"
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _PAGE_SIZE_RE = re.compile(r"[0-9]+[KMGTP]?B")
@@ -172,6 +190,18 @@ class SpecOptions:
     swap_accounting: bool | None = None
     #: AppArmor is enabled on the host (``/sys/module/apparmor/parameters/enabled``).
     apparmor_enabled: bool | None = None
+    #: The loaded AppArmor profiles (None: read ``/sys/kernel/security/apparmor/profiles``).
+    apparmor_loaded: frozenset[str] | None = None
+    #: ``runtime.apparmor_profile``: the profile of RuntimeDefault and of no request.
+    apparmor_profile: str = apparmor.DEFAULT_PROFILE
+    #: ``runtime.seccomp_profile`` loaded; None: the built-in RuntimeDefault profile.
+    seccomp_profile: seccomp.Profile | None = None
+    #: ``runtime.seccomp_use_default_when_empty``: RuntimeDefault for requests naming none.
+    seccomp_use_default_when_empty: bool = False
+    #: The kernel has seccomp (None: look at ``/proc/self/status``).
+    seccomp_enabled: bool | None = None
+    #: SELinux is enabled (None: ``/sys/fs/selinux/enforce`` exists).
+    selinux_enabled: bool | None = None
     #: The daemon's own oom_score_adj (``/proc/self/oom_score_adj``), for the restriction.
     daemon_oom_score_adj: int | None = None
     #: Where a privileged container's devices are found.
@@ -199,14 +229,6 @@ def host_capabilities() -> tuple[str, ...]:
     except (OSError, ValueError, IndexError):
         pass
     return tuple(name for i, name in enumerate(names) if i <= last and effective >> i & 1)
-
-
-@functools.cache
-def _host_apparmor() -> bool:
-    try:
-        return Path("/sys/module/apparmor/parameters/enabled").read_text().strip() == "Y"
-    except OSError:
-        return False
 
 
 @functools.cache
@@ -453,30 +475,53 @@ def capabilities(
 # -- security profiles ----------------------------------------------------------------------------
 
 
-def _check_profiles(sc: SecurityContext, options: SpecOptions) -> None:
+def _seccomp(sc: SecurityContext, options: SpecOptions, bounding: Iterable[str]
+             ) -> dict[str, Any] | None:
+    """``linux.seccomp`` (module docstring), None for none."""
     if sc.privileged:
+        return None
+    kind = sc.seccomp.kind or (
+        "RuntimeDefault" if options.seccomp_use_default_when_empty else "Unconfined")
+    if kind == "Unconfined":
+        return None
+    field = f"{_SC}.seccomp"
+    enabled = (options.seccomp_enabled if options.seccomp_enabled is not None
+               else seccomp.host_enabled())
+    if not enabled:
+        if kind == "Localhost":
+            raise FailedPrecondition(f"{field}: seccomp profile {sc.seccomp.localhost_ref!r} "
+                                     "requested, but this kernel has no seccomp")
+        _log.warning("container.seccomp_unavailable", profile=kind)
+        return None
+    if kind == "Localhost":
+        profile = seccomp.load_file(sc.seccomp.localhost_ref, f"{field}.localhost_ref")
+    else:
+        profile = options.seccomp_profile or seccomp.builtin()
+    return seccomp.render(profile, bounding)
+
+
+def _apparmor(sc: SecurityContext, options: SpecOptions) -> str | None:
+    """``process.apparmorProfile`` (module docstring), None for none."""
+    if sc.privileged:
+        return None
+    enabled = (options.apparmor_enabled if options.apparmor_enabled is not None
+               else apparmor.enabled())
+    return apparmor.process_profile(sc.apparmor, default=options.apparmor_profile,
+                                    host_enabled=enabled, loaded=options.apparmor_loaded,
+                                    field=f"{_SC}.apparmor")
+
+
+def _selinux(container_id: str, spec: ContainerSpec, options: SpecOptions) -> None:
+    """SELinux options are not applied: say so once per container."""
+    if not any(spec.security.selinux_options):
         return
-    seccomp = sc.seccomp
-    if seccomp.kind != "Unconfined":
-        what = seccomp.kind + (f" {seccomp.localhost_ref!r}" if seccomp.localhost_ref else "")
-        raise FailedPrecondition(
-            f"{_SC}.seccomp: seccomp profile {what} is not supported yet (only Unconfined)"
-        )
-    apparmor = sc.apparmor
-    if apparmor.kind == "Localhost":
-        raise FailedPrecondition(
-            f"{_SC}.apparmor: AppArmor profile Localhost {apparmor.localhost_ref!r} is not "
-            "supported yet"
-        )
-    if apparmor.kind == "RuntimeDefault":
-        enabled = (
-            options.apparmor_enabled if options.apparmor_enabled is not None else _host_apparmor()
-        )
-        if enabled:
-            raise FailedPrecondition(
-                f"{_SC}.apparmor: AppArmor profile RuntimeDefault is not supported yet on a "
-                "host with AppArmor enabled"
-            )
+    enabled = (options.selinux_enabled if options.selinux_enabled is not None
+               else os.path.exists("/sys/fs/selinux/enforce"))
+    _log.info("container.selinux_options_ignored", container_id=container_id,
+              container=spec.name, selinux_enabled=enabled,
+              options=":".join(spec.security.selinux_options),
+              reason="SELinux is enabled but moorage does not label containers" if enabled
+              else "SELinux is disabled on this host")
 
 
 # -- namespaces -----------------------------------------------------------------------------------
@@ -486,6 +531,10 @@ def _namespaces(
     sc: SecurityContext, sandbox: SandboxView, options: SpecOptions, target_pid_ns: str | None
 ) -> list[dict[str, str]]:
     out: list[dict[str, str]] = []
+    if sandbox.user_ns:
+        # The pod's user namespace first: runc joins it before the others (they, and the
+        # pod's PID namespace, are owned by it).
+        out.append({"type": "user", "path": sandbox.user_ns})
     mode = sc.pid_mode
     if mode == CONTAINER:
         out.append({"type": "pid"})
@@ -571,6 +620,12 @@ def _clean_container_path(path: str, field: str) -> str:
     return "/" + posixpath.normpath(path).lstrip("/")
 
 
+def _oci_mappings(mappings: Iterable[IdMapping]) -> list[dict[str, int]]:
+    return [
+        {"containerID": m.container_id, "hostID": m.host_id, "size": m.length} for m in mappings
+    ]
+
+
 def _cri_mounts(
     mounts: tuple[Mount, ...], options: SpecOptions
 ) -> tuple[list[dict[str, Any]], str]:
@@ -580,6 +635,12 @@ def _cri_mounts(
     mountinfo: str | None = None
     for i, m in enumerate(mounts):
         field = f"config.mounts[{i}]"
+        if m.uid_mappings or m.gid_mappings:
+            # The container manager makes idmapped mounts itself (runc 1.1 cannot) and
+            # hands over their paths without mappings.
+            raise FailedPrecondition(
+                f"{field}.uidMappings: idmapped mount of {m.host_path!r} was not prepared"
+            )
         dest = _clean_container_path(m.container_path, f"{field}.container_path")
         if not m.host_path or "\0" in m.host_path:
             raise InvalidArgument(f"{field}.host_path: {m.host_path!r} is not a path")
@@ -897,10 +958,13 @@ def build_spec(
         raise InvalidArgument(
             f"{_SC}.privileged: the pod sandbox {sandbox.id} was not created privileged"
         )
-    _check_profiles(sc, options)
+    apparmor_profile = _apparmor(sc, options)
+    _selinux(container_id, spec, options)
     available = (
         options.all_capabilities if options.all_capabilities is not None else host_capabilities()
     )
+    caps = capabilities(sc, options.default_capabilities, available)
+    seccomp_doc = _seccomp(sc, options, caps["bounding"])
 
     process: dict[str, Any] = {
         "terminal": spec.tty,
@@ -912,10 +976,12 @@ def build_spec(
         "args": process_args(spec, image),
         "env": _env(spec, sandbox, image, user, extra_env or {}),
         "cwd": _cwd(spec, image),
-        "capabilities": capabilities(sc, options.default_capabilities, available),
+        "capabilities": caps,
         "noNewPrivileges": sc.no_new_privs,
         "oomScoreAdj": _oom_score_adj(spec.resources, options),
     }
+    if apparmor_profile is not None:
+        process["apparmorProfile"] = apparmor_profile
 
     mounts, root_propagation = _mounts(spec, sandbox, options)
     devices, rules = _cri_devices(spec.devices)
@@ -928,7 +994,7 @@ def build_spec(
         masked: list[str] = []
         readonly: list[str] = []
     else:
-        resources["devices"] = [{"allow": False, "access": "rwm"}, *rules]
+        resources["devices"] = [*(dict(r) for r in defaults.DEVICE_RULES), *rules]
         masked = list(defaults.MASKED_PATHS if sc.masked_paths is None else sc.masked_paths)
         readonly = list(defaults.READONLY_PATHS if sc.readonly_paths is None else sc.readonly_paths)
 
@@ -942,6 +1008,13 @@ def build_spec(
     }
     if root_propagation:
         linux["rootfsPropagation"] = root_propagation
+    if sandbox.user_ns:
+        # runc 1.1 needs the mappings even to join a user namespace by path (for the
+        # owner of what it creates: /dev/pts, cgroup files); they are the pod's.
+        linux["uidMappings"] = _oci_mappings(sandbox.uid_mappings)
+        linux["gidMappings"] = _oci_mappings(sandbox.gid_mappings)
+    if seccomp_doc is not None:
+        linux["seccomp"] = seccomp_doc
 
     doc: dict[str, Any] = {
         "ociVersion": OCI_VERSION,

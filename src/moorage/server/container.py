@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from moorage.container.manager import ContainerFilter, ContainerManager
@@ -22,7 +22,12 @@ from moorage.container.model import (
 from moorage.cri.v1 import api_pb2 as pb
 from moorage.errors import InvalidArgument
 from moorage.server.rpc import Ctx, stream, unary
-from moorage.server.sandbox import resources_from_proto
+from moorage.server.sandbox import (
+    ids_from_proto,
+    ids_to_proto,
+    resources_from_proto,
+    userns_from_proto,
+)
 
 STREAM_BATCH = 100
 #: ExecSync output cap per stream, as CRI-O.
@@ -47,15 +52,29 @@ _PROFILE_KINDS: dict[int, Any] = {
 }
 
 
-def _profile(p: pb.SecurityProfile, legacy: str) -> SecurityProfile:
-    if p.ByteSize():
+def _profile(sec: pb.LinuxContainerSecurityContext, name: str, legacy_name: str
+             ) -> SecurityProfile:
+    """The ``seccomp`` / ``apparmor`` SecurityProfile, else the deprecated string field
+    (``runtime/default``, ``unconfined``, ``localhost/<ref>``); neither: kind ``""``."""
+    field = f"config.linux.security_context.{name}"
+    if sec.HasField(name):  # RuntimeDefault is 0: a set message may have no bytes
+        p = getattr(sec, name)
+        if p.profile_type not in _PROFILE_KINDS:
+            raise InvalidArgument(f"{field}.profile_type: unknown value {p.profile_type}")
         return SecurityProfile(kind=_PROFILE_KINDS[p.profile_type], localhost_ref=p.localhost_ref)
-    # The deprecated string fields ("runtime/default", "unconfined", "localhost/<path>").
+    legacy = getattr(sec, legacy_name)
+    if not legacy:
+        return SecurityProfile()
     if legacy in ("runtime/default", "docker/default"):
         return SecurityProfile(kind="RuntimeDefault")
+    if legacy == "unconfined":
+        return SecurityProfile(kind="Unconfined")
     if legacy.startswith("localhost/"):
         return SecurityProfile(kind="Localhost", localhost_ref=legacy.removeprefix("localhost/"))
-    return SecurityProfile()
+    if name == "apparmor":  # CRI-O: a bare name is the name of a loaded profile
+        return SecurityProfile(kind="Localhost", localhost_ref=legacy)
+    raise InvalidArgument(f"config.linux.security_context.{legacy_name}: unknown profile "
+                          f"{legacy!r} (runtime/default, unconfined or localhost/<path>)")
 
 
 def container_resources(r: pb.LinuxContainerResources) -> ContainerResources:
@@ -74,7 +93,9 @@ def spec_from_proto(c: pb.ContainerConfig) -> ContainerSpec:
         mounts.append(Mount(container_path=m.container_path, host_path=m.host_path,
                             readonly=m.readonly, propagation=_PROPAGATION[m.propagation],
                             recursive_read_only=m.recursive_read_only,
-                            selinux_relabel=m.selinux_relabel))
+                            selinux_relabel=m.selinux_relabel,
+                            uid_mappings=ids_from_proto(m.uidMappings),
+                            gid_mappings=ids_from_proto(m.gidMappings)))
     security = SecurityContext(
         privileged=sec.privileged,
         run_as_user=sec.run_as_user.value if sec.HasField("run_as_user") else None,
@@ -88,8 +109,11 @@ def spec_from_proto(c: pb.ContainerConfig) -> ContainerSpec:
         no_new_privs=sec.no_new_privs,
         masked_paths=tuple(sec.masked_paths) if sec.masked_paths else None,
         readonly_paths=tuple(sec.readonly_paths) if sec.readonly_paths else None,
-        seccomp=_profile(sec.seccomp, sec.seccomp_profile_path),
-        apparmor=_profile(sec.apparmor, sec.apparmor_profile),
+        seccomp=_profile(sec, "seccomp", "seccomp_profile_path"),
+        apparmor=_profile(sec, "apparmor", "apparmor_profile"),
+        selinux_options=(
+            (sec.selinux_options.user, sec.selinux_options.role, sec.selinux_options.type,
+             sec.selinux_options.level) if sec.HasField("selinux_options") else ()),
         pid_mode=ns.pid, target_id=ns.target_id,
     )
     return ContainerSpec(
@@ -103,7 +127,9 @@ def spec_from_proto(c: pb.ContainerConfig) -> ContainerSpec:
         stdin=c.stdin, stdin_once=c.stdin_once, tty=c.tty,
         resources=container_resources(c.linux.resources),
         security=security,
-        stop_signal=pb.Signal.Name(c.stop_signal) if c.stop_signal else "",
+        stop_signal=_signal_name(c.stop_signal),
+        userns=userns_from_proto(
+            ns, "config.linux.security_context.namespace_options.userns_options"),
     )
 
 
@@ -125,7 +151,9 @@ def _mounts(c: Container) -> list[pb.Mount]:
     return [pb.Mount(container_path=m.container_path, host_path=m.host_path,
                      readonly=m.readonly, propagation=reverse[m.propagation],  # type: ignore[arg-type]
                      recursive_read_only=m.recursive_read_only,
-                     selinux_relabel=m.selinux_relabel)
+                     selinux_relabel=m.selinux_relabel,
+                     uidMappings=ids_to_proto(m.uid_mappings),
+                     gidMappings=ids_to_proto(m.gid_mappings))
             for m in c.spec.mounts]
 
 
@@ -161,6 +189,16 @@ def to_status(c: Container) -> pb.ContainerStatus:
     )
 
 
+def _signal_name(value: int) -> str:
+    """The name of a ContainerConfig.stop_signal (``""`` when unset)."""
+    if not value:
+        return ""
+    try:
+        return str(pb.Signal.Name(value))
+    except ValueError as e:
+        raise InvalidArgument(f"config.stop_signal: unknown signal value {value}") from e
+
+
 def _signal_enum(name: str) -> int:
     try:
         return int(pb.Signal.Value(name)) if name else 0
@@ -174,6 +212,16 @@ def _filter(f: pb.ContainerFilter | None) -> ContainerFilter | None:
     state = _FROM_STATE.get(f.state.state) if f.HasField("state") else None
     return ContainerFilter(id=f.id, state=state, sandbox_id=f.pod_sandbox_id,
                            labels=dict(f.label_selector))
+
+
+def exec_cmd(cmd: Sequence[str]) -> list[str]:
+    """The ``cmd`` of an Exec or ExecSync: a non-empty argv without NUL characters."""
+    if not cmd:
+        raise InvalidArgument("cmd is required")
+    for i, arg in enumerate(cmd):
+        if "\0" in arg:
+            raise InvalidArgument(f"cmd[{i}] contains a NUL character")
+    return list(cmd)
 
 
 def _required(value: str, field: str = "container_id") -> str:
@@ -269,6 +317,6 @@ class ContainerRpcs:
         if request.timeout < 0:
             raise InvalidArgument("timeout must not be negative")
         result = await self.containers.exec_sync(_required(request.container_id),
-                                                 list(request.cmd), float(request.timeout))
+                                                 exec_cmd(request.cmd), float(request.timeout))
         return pb.ExecSyncResponse(stdout=result.stdout, stderr=result.stderr,
                                    exit_code=result.exit_code)
