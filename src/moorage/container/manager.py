@@ -18,7 +18,7 @@ import os
 import secrets
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -43,16 +43,20 @@ from moorage.errors import (
 from moorage.image.store import ImageStore
 from moorage.monitor.client import CreateRequest, ExitStatus, MonitorClient
 from moorage.oci.runtime import ExecResult, OciRuntime
+from moorage.sandbox import userns
 from moorage.sandbox.manager import SandboxManager
 from moorage.sandbox.model import Mode, Sandbox
 from moorage.sandbox.model import State as SandboxState
 from moorage.state import records
 from moorage.storage.overlay import ContainerStorage
-from moorage.util import codec
-from moorage.util.fs import atomic_write, remove_tree
+from moorage.util import codec, idmap
+from moorage.util.fs import atomic_write, prepare_beneath, remove_tree
+from moorage.util.idmap import MappedUserNamespace
 
 _log = log.get("moorage.container")
 KIND = "container"
+#: Where a container's idmapped CRI mounts are attached, below its state dir.
+IDMAPPED_DIR = "idmapped"
 #: How long Stop waits for the exit after SIGKILL before it gives up.
 KILL_WAIT = 10.0
 
@@ -103,6 +107,8 @@ class ContainerManager:
         #: Called with (event, container) on created/started/stopped/deleted.
         self.listeners: list[Callable[[str, Container], None]] = []
         sandboxes.on_stop.append(self._on_sandbox_stop)
+        sandboxes.userns_runtime = self._runtime_has_userns
+        sandboxes.userns_storage_dir = storage.containers
 
     # -- reads ---------------------------------------------------------------------------
 
@@ -178,7 +184,17 @@ class ContainerManager:
             hostname=spec.hostname if not spec.host_network else "",
             log_directory=spec.log_directory, privileged=spec.privileged,
             host_network=spec.host_network, host_pid=spec.pid == Mode.NODE,
+            user_ns=pinned.user, uid_mappings=spec.userns.uids if pinned.user else (),
+            gid_mappings=spec.userns.gids if pinned.user else (),
         )
+
+    async def _runtime_has_userns(self, handler: str) -> bool:
+        """Whether the handler's runtime can join a user namespace (its ``features``)."""
+        runtime = self.runtimes.get(handler)
+        if runtime is None:
+            return False
+        namespaces = (await runtime.features()).get("linux", {}).get("namespaces") or []
+        return "user" in namespaces
 
     async def create(self, sandbox_id: str, spec: ContainerSpec) -> Container:
         if not spec.name:
@@ -188,6 +204,12 @@ class ContainerManager:
         sb = self.sandboxes.get(sandbox_id)
         if sb.state != SandboxState.READY:
             raise FailedPrecondition(f"pod sandbox {sb.id} is not ready")
+        if spec.userns is not None and not userns.same(spec.userns, sb.spec.userns):
+            raise InvalidArgument(
+                f"{userns.FIELD}: the container's user namespace options (mode "
+                f"{spec.userns.mode.name}) differ from those of its pod sandbox {sb.id} (mode "
+                f"{sb.spec.userns.mode.name}): containers share their pod's user namespace"
+            )
         key = (f"{spec.name}_{sb.spec.name}_{sb.spec.namespace}_{sb.spec.uid}_"
                f"{spec.attempt}")
         building = self._building.get(key)
@@ -245,16 +267,25 @@ class ContainerManager:
         state_dir = self.state_dir(c)
         await asyncio.to_thread(state_dir.mkdir, parents=True, exist_ok=True, mode=0o700)
         c.bundle = str(state_dir)
+        if c.spec.log_path:
+            await asyncio.to_thread(_prepare_log, sb.spec.log_directory, c.spec.log_path)
         layers = [self.images.layer_path(d) for d in c.image.layers]
-        rootfs = await asyncio.to_thread(
-            self.storage.create, c.id, layers, volumes=specgen.image_volumes(c.image)
-        )
+        view = self.sandbox_view(sb)
+        with _open_userns(view) as mapped:
+            # With a user namespace: idmapped layers, and the CRI mounts that ask for it
+            # idmapped here (runc 1.1 cannot), handed to the spec without their mappings.
+            rootfs = await asyncio.to_thread(
+                self.storage.create, c.id, layers, volumes=specgen.image_volumes(c.image),
+                userns=mapped,
+            )
+            runtime_spec = await asyncio.to_thread(
+                self._idmapped_mounts, c, view, mapped, state_dir)
         user = await asyncio.to_thread(specgen.resolve_user, rootfs.merged, c.spec, c.image)
         c.user = {"uid": user.uid, "gid": user.gid, "additional_gids": list(user.additional_gids),
                   "username": user.username}
-        view = self.sandbox_view(sb)
         doc = await asyncio.to_thread(
-            specgen.build_spec, container_id=c.id, spec=c.spec, sandbox=view, image=c.image,
+            specgen.build_spec, container_id=c.id, spec=runtime_spec, sandbox=view,
+            image=c.image,
             rootfs=rootfs.merged, user=user, options=self.spec_options,
             target_pid_ns=self._target_pid_ns(c.spec),
         )
@@ -274,6 +305,48 @@ class ContainerManager:
         c.state = State.CREATED
         await self._save(c)
         self._watch(c)
+
+    def _idmapped_mounts(self, c: Container, view: SandboxView,
+                         mapped: MappedUserNamespace | None, state_dir: Path) -> ContainerSpec:
+        """``c.spec`` with each CRI mount that has uid/gid mappings replaced by a bind of an
+        idmapped mount made here, at ``<state_dir>/idmapped/<index>`` (unmounted by
+        :func:`_unmount_idmapped` before the state dir goes)."""
+        if not any(m.uid_mappings or m.gid_mappings for m in c.spec.mounts):
+            return c.spec
+        mounts = list(c.spec.mounts)
+        base = state_dir / IDMAPPED_DIR
+        for i, m in enumerate(mounts):
+            if not (m.uid_mappings or m.gid_mappings):
+                continue
+            field = f"config.mounts[{i}]"
+            if mapped is None:
+                raise InvalidArgument(
+                    f"{field}.uidMappings: an idmapped mount needs a pod with a user namespace")
+            if (m.uid_mappings, m.gid_mappings) != (view.uid_mappings, view.gid_mappings):
+                raise InvalidArgument(
+                    f"{field}.uidMappings/gidMappings: only the pod's own mappings are "
+                    "supported for idmapped mounts")
+            if not m.host_path or "\0" in m.host_path or not os.path.exists(m.host_path):
+                raise InvalidArgument(f"{field}.host_path: {m.host_path!r} does not exist")
+            source = os.path.realpath(m.host_path)
+            target = base / str(i)
+            base.mkdir(mode=0o700, exist_ok=True)
+            if os.path.isdir(source):
+                target.mkdir(exist_ok=True)
+            else:
+                target.touch(exist_ok=True)
+            try:
+                fd = idmap.clone_idmapped(source, mapped.fd, recursive=True)
+                try:
+                    idmap.move_mount(fd, str(target))
+                finally:
+                    os.close(fd)
+            except OSError as e:
+                raise FailedPrecondition(
+                    f"{field}: cannot make an idmapped mount of {m.host_path!r}: "
+                    f"{e.strerror or e}") from None
+            mounts[i] = replace(m, host_path=str(target), uid_mappings=(), gid_mappings=())
+        return replace(c.spec, mounts=tuple(mounts))
 
     def _target_pid_ns(self, spec: ContainerSpec) -> str | None:
         if spec.security.pid_mode != int(Mode.TARGET):
@@ -343,6 +416,9 @@ class ContainerManager:
                     f"container {c.id} is {c.state.value}, only a created container can start"
                 )
             runtime = self.runtimes[c.runtime_handler]
+            # The time ``runc start`` is asked: a fast process may exit (and be recorded)
+            # before the call returns, and started_at must never come after finished_at.
+            begun = time.time_ns()
             try:
                 await runtime.start(c.id)
             except MoorageError:
@@ -350,7 +426,7 @@ class ContainerManager:
                 if status is not None:
                     await self._record_exit(c, status)
                 raise
-            c.started_at = time.time_ns()
+            c.started_at = begun
             if c.state == State.CREATED:
                 c.state = State.RUNNING
             await self._save(c)
@@ -418,6 +494,7 @@ class ContainerManager:
         if watcher is not None:
             watcher.cancel()
         await asyncio.to_thread(self.storage.remove, c.id)
+        await asyncio.to_thread(_unmount_idmapped, self.state_dir(c) / IDMAPPED_DIR)
         await asyncio.to_thread(remove_tree, self.state_dir(c))
         await asyncio.to_thread((self.paths.records / f"{c.id}.json").unlink, missing_ok=True)
         self._containers.pop(c.id, None)
@@ -451,6 +528,9 @@ class ContainerManager:
         c = self.get(container_id)
         if c.state != State.RUNNING:
             raise FailedPrecondition(f"container {c.id} is not running; its log is closed")
+        sb = self.sandboxes.find(c.sandbox_id) if c.spec.log_path else None
+        if sb is not None:
+            await asyncio.to_thread(_prepare_log, sb.spec.log_directory, c.spec.log_path)
         await self.monitor.reopen_log(self.state_dir(c))
 
     async def exec_sync(self, container_id: str, cmd: list[str], timeout: float
@@ -504,10 +584,65 @@ def _log_path(log_directory: str, log_path: str) -> str:
     """The container's log file: kubelet's log_path below the pod's log_directory."""
     if not log_directory:
         raise InvalidArgument("config.log_path needs the pod sandbox's log_directory")
+    if "\0" in log_path:
+        raise InvalidArgument("config.log_path: contains a NUL byte")
+    if log_path.startswith("/"):
+        raise InvalidArgument(
+            f"config.log_path: {log_path!r} is absolute; it must be relative to the pod "
+            "sandbox's log_directory"
+        )
     path = os.path.normpath(os.path.join(log_directory, log_path))
     if not path.startswith(os.path.normpath(log_directory) + "/"):
-        raise InvalidArgument("config.log_path must stay inside the pod's log_directory")
+        raise InvalidArgument(
+            f"config.log_path: {log_path!r} leaves the pod sandbox's log_directory"
+        )
     return path
+
+
+def _prepare_log(log_directory: str, log_path: str) -> None:
+    """The log file's directories below ``log_directory`` (0755, as kubelet makes them),
+    following no symlink planted there; the monitor opens the file itself O_NOFOLLOW."""
+    try:
+        prepare_beneath(Path(log_directory), os.path.normpath(log_path))
+    except OSError as e:
+        raise FailedPrecondition(
+            f"config.log_path: cannot use {log_path!r} in {log_directory}: "
+            f"{e.strerror or e}"
+        ) from None
+
+
+@contextlib.contextmanager
+def _open_userns(view: SandboxView) -> Iterator[MappedUserNamespace | None]:
+    """The pod's pinned user namespace, open for idmapped mounts; None without one."""
+    if not view.user_ns:
+        yield None
+        return
+    try:
+        fd = os.open(view.user_ns, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise FailedPrecondition(
+            f"pod sandbox {view.id}: its user namespace {view.user_ns} is gone: {e.strerror}"
+        ) from None
+    try:
+        yield MappedUserNamespace(fd, view.uid_mappings, view.gid_mappings)
+    finally:
+        os.close(fd)
+
+
+def _unmount_idmapped(base: Path) -> None:
+    """Detach every idmapped mount below ``base`` (they bind host volumes: the state dir
+    must never be removed through one); raise if one stays mounted."""
+    try:
+        names = os.listdir(base)
+    except FileNotFoundError:
+        return
+    for name in names:
+        path = str(base / name)
+        for _ in range(16):
+            if not idmap.detach(path):
+                break
+        if os.path.ismount(path):
+            raise FailedPrecondition(f"idmapped mount {path} stays mounted")
 
 
 def _start_time(pid: int) -> int | None:

@@ -204,13 +204,19 @@ def hosts_file(
 
 
 def write_pod_files(
-    directory: Path, *, hostname: str, resolv: bytes, hosts: bytes
+    directory: Path,
+    *,
+    hostname: str,
+    resolv: bytes,
+    hosts: bytes,
+    owner: tuple[int, int] | None = None,
 ) -> dict[str, Path]:
     """Write ``hostname`` (with a newline), ``hosts`` and ``resolv.conf`` into ``directory``.
 
     Each file is written atomically (temp file, fsync, rename) with mode 0644; the directory
-    is created with mode 0755 when missing. Returns the paths by file name, for the bind
-    mounts of every container of the pod.
+    is created with mode 0755 when missing. ``owner`` (host uid, gid): the files are chowned
+    to it (the root of a pod with a user namespace, so that they are root's in the pod).
+    Returns the paths by file name, for the bind mounts of every container of the pod.
     """
     _check_plain_hostname(hostname)
     if not directory.is_dir():
@@ -221,6 +227,8 @@ def write_pod_files(
     for name, data in contents.items():
         path = directory / name
         atomic_write(path, data, mode=0o644)
+        if owner is not None:
+            os.chown(path, *owner)
         paths[name] = path
     return paths
 
@@ -299,15 +307,18 @@ _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 _libc.umount2.restype = ctypes.c_int
 
 
-def mount_shm(path: Path, size: int) -> None:
+def mount_shm(path: Path, size: int, owner: tuple[int, int] | None = None) -> None:
     """Create ``path`` and mount a tmpfs ``shm`` of ``size`` bytes on it (mode 1777).
 
-    nosuid, nodev, noexec, as CRI-O mounts it. mount(2) through ctypes: no fork.
+    nosuid, nodev, noexec, as CRI-O mounts it. ``owner`` (host uid, gid): the tmpfs root's
+    owner (the root of a pod with a user namespace). mount(2) through ctypes: no fork.
     """
     if size <= 0:
         raise InvalidArgument(f"shm size {size} must be positive")
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
     data = f"mode=1777,size={size}".encode()
+    if owner is not None:
+        data += f",uid={owner[0]},gid={owner[1]}".encode()
     flags = MS_NOSUID | MS_NODEV | MS_NOEXEC
     if _libc.mount(b"shm", os.fsencode(path), b"tmpfs", flags, data) != 0:
         err = ctypes.get_errno()

@@ -14,17 +14,24 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from moorage import log
-from moorage.errors import AlreadyExists, InvalidArgument, MoorageError, NotFound
+from moorage.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    MoorageError,
+    NotFound,
+)
 from moorage.network import AttachRequest, CNIManager
-from moorage.sandbox import cgroups, files, namespaces
+from moorage.sandbox import cgroups, files, namespaces, userns
 from moorage.sandbox.model import Mode, Sandbox, SandboxSpec, State
 from moorage.state import records
 from moorage.util.fs import remove_tree
+from moorage.util.idmap import IdMapping, map_id
 
 _log = log.get("moorage.sandbox")
 KIND = "sandbox"
@@ -71,6 +78,12 @@ class SandboxManager:
         #: Called with a sandbox id and whether it is being removed, when it stops or is
         #: removed: the containers of the pod hook in here.
         self.on_stop: list[Callable[[str, bool], Awaitable[None]]] = []
+        #: Set by the container side: whether a runtime handler can join a user namespace,
+        #: and where containers' root filesystems are mounted (for :meth:`probe_userns`).
+        self.userns_runtime: Callable[[str], Awaitable[bool]] | None = None
+        self.userns_storage_dir: Path | None = None
+        #: Why pods cannot have a user namespace here (None: they can); see probe_userns.
+        self.userns_problem: str | None = "not probed yet"
 
     # -- reads ---------------------------------------------------------------------------
 
@@ -120,7 +133,23 @@ class SandboxManager:
             net=path("net", not spec.host_network),
             ipc=path("ipc", spec.ipc != Mode.NODE),
             uts=path("uts", not spec.host_network),
+            user=path("user", spec.userns.pod),
         )
+
+    async def probe_userns(self) -> None:
+        """Find out once whether pods can have user namespaces here (``userns_problem``)."""
+        storage = self.userns_storage_dir or self.paths.records
+        self.userns_problem = await userns.probe(self.paths.ns, storage, [self.paths.run])
+        if self.userns_problem is None:
+            _log.info("sandbox.userns_supported")
+        else:
+            _log.info("sandbox.userns_unsupported", reason=self.userns_problem)
+
+    async def userns_supported(self, handler: str) -> bool:
+        """Whether pods of ``handler`` can have a user namespace (node and runtime)."""
+        if self.userns_problem is not None:
+            return False
+        return self.userns_runtime is None or await self.userns_runtime(handler)
 
     def _lock(self, sandbox_id: str) -> asyncio.Lock:
         return self._locks.setdefault(sandbox_id, asyncio.Lock())
@@ -161,6 +190,10 @@ class SandboxManager:
         files.validate_dns(spec.dns)
         namespaces.validate_sysctls(spec.sysctls, host_network=spec.host_network,
                                     host_ipc=spec.ipc == Mode.NODE)
+        userns.validate(spec.userns, host_network=spec.host_network,
+                        host_pid=spec.pid == Mode.NODE, host_ipc=spec.ipc == Mode.NODE)
+        if spec.userns.pod:
+            userns.check_support(self.userns_problem)
         cgroups.pod_cgroup_path(spec.cgroup_parent, self.cgroup_driver)  # type: ignore[arg-type]
         for pm in spec.port_mappings:
             if not 0 <= pm.host_port <= 65535 or not 0 < pm.container_port <= 65535:
@@ -172,6 +205,11 @@ class SandboxManager:
 
     async def run(self, spec: SandboxSpec) -> Sandbox:
         handler = self.validate(spec)
+        if spec.userns.pod and not await self.userns_supported(handler):
+            raise FailedPrecondition(
+                f"{userns.FIELD}: runtime handler {handler!r} cannot run containers in a "
+                "user namespace (its runtime's features do not list the user namespace)"
+            )
         building = self._building.get(spec.key)
         if building is not None:
             # kubelet retried while the first call is still building: same answer.
@@ -234,18 +272,26 @@ class SandboxManager:
         await self._save(sb)
         if spec.resources is not None:
             await asyncio.to_thread(pod_cgroup.apply, spec.resources)
-        # 2. Namespaces, created by the pinns helper with hostname and sysctls applied.
+        # 2. Namespaces, created by the pinns helper with hostname and sysctls applied
+        #    (with a user namespace: it first, owning the others).
         want = self.pinned(sb)
+        mappings = (namespaces.UserMappings(uids=spec.userns.uids, gids=spec.userns.gids)
+                    if spec.userns.pod else None)
         await namespaces.pin(
             self.paths.ns, sb.id, net=want.net is not None, ipc=want.ipc is not None,
             uts=want.uts is not None, hostname=spec.hostname if want.uts else "",
-            sysctls=spec.sysctls,
+            sysctls=spec.sysctls, user=mappings,
         )
+        # The pod's root owns its /dev/shm and files (host root is nobody in the pod), and
+        # runc, in the pod's user namespace, must be able to walk into run_dir.
+        owner = self.pod_root(sb)
+        await asyncio.to_thread(_searchable_dir, run_dir)
         # 3. /dev/shm for the pod's IPC namespace.
         if spec.ipc != Mode.NODE:
             shm = run_dir / "shm"
             sb.shm_path = str(shm)
-            await asyncio.to_thread(files.mount_shm, shm, files.shm_size(spec.annotations))
+            await asyncio.to_thread(files.mount_shm, shm, files.shm_size(spec.annotations),
+                                    owner)
         # 4. The network.
         if not spec.host_network:
             assert want.net is not None
@@ -261,7 +307,7 @@ class SandboxManager:
         resolv = await asyncio.to_thread(files.resolv_conf, spec.dns)
         hosts = await asyncio.to_thread(files.hosts_file, hostname, sb.ips, spec.host_network)
         await asyncio.to_thread(files.write_pod_files, run_dir, hostname=hostname,
-                                resolv=resolv, hosts=hosts)
+                                resolv=resolv, hosts=hosts, owner=owner)
         # 6. The infra process, only where containers share the pod's PID namespace.
         if spec.pid == Mode.POD:
             # In a child cgroup: on cgroup v2 a cgroup holding processes cannot enable
@@ -276,6 +322,13 @@ class SandboxManager:
             await self._save(sb)
         sb.state = State.READY
         await self._save(sb)
+
+    @staticmethod
+    def pod_root(sb: Sandbox) -> tuple[int, int] | None:
+        """The host uid and gid of the pod's root; None without a user namespace."""
+        if not sb.spec.userns.pod:
+            return None
+        return mapped_root(sb.spec.userns.uids, sb.spec.userns.gids)
 
     def _cgroup_path(self, sb: Sandbox) -> str:
         driver = self.cgroup_driver
@@ -376,11 +429,12 @@ class SandboxManager:
                 _log.info("sandbox.recover_notready", pod_sandbox_id=sb.id,
                           reason="namespaces or infra process gone")
                 await self._teardown(sb, remove=False)
+        await self.probe_userns()
 
     def _intact(self, sb: Sandbox) -> bool:
         pinned = self.pinned(sb)
-        for path in (pinned.net, pinned.ipc, pinned.uts):
-            if path is not None and not namespaces.is_pinned(path):
+        for path in pinned.paths():
+            if not namespaces.is_pinned(path):
                 return False
         if sb.infra_pid is not None and (
             namespaces.process_start_time(sb.infra_pid) != sb.infra_start_time
@@ -388,6 +442,19 @@ class SandboxManager:
             sb.infra_pid = sb.infra_start_time = None
             return False
         return True
+
+
+def mapped_root(uids: Sequence[IdMapping], gids: Sequence[IdMapping]) -> tuple[int, int]:
+    """The host uid and gid of container id 0 (validation made sure a mapping covers it)."""
+    uid, gid = map_id(uids, 0), map_id(gids, 0)
+    if uid is None or gid is None:
+        raise InvalidArgument(f"{userns.FIELD}: no mapping covers container id 0")
+    return uid, gid
+
+
+def _searchable_dir(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o755)
 
 
 def _host_hostname() -> str:

@@ -10,6 +10,7 @@ from moorage.network import Bandwidth, PortMapping
 from moorage.sandbox.cgroups import Resources
 from moorage.sandbox.files import DnsConfig
 from moorage.util import codec
+from moorage.util.idmap import IdMapping
 
 
 class Mode(enum.IntEnum):
@@ -19,6 +20,20 @@ class Mode(enum.IntEnum):
     CONTAINER = 1
     NODE = 2
     TARGET = 3
+
+
+@dataclass(frozen=True)
+class UserNamespace:
+    """CRI ``UserNamespace``: NODE is the host's (no user namespace); POD a new one for the
+    pod with exactly these mappings (see :mod:`moorage.sandbox.userns`)."""
+
+    mode: Mode = Mode.NODE
+    uids: tuple[IdMapping, ...] = ()
+    gids: tuple[IdMapping, ...] = ()
+
+    @property
+    def pod(self) -> bool:
+        return self.mode == Mode.POD
 
 
 class State(enum.StrEnum):
@@ -48,6 +63,7 @@ class SandboxSpec:
     resources: Resources | None = None
     bandwidth: Bandwidth | None = None
     privileged: bool = False
+    userns: UserNamespace = field(default_factory=UserNamespace)
 
     @property
     def key(self) -> str:

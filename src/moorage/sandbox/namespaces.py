@@ -37,6 +37,7 @@ from moorage.sandbox.pinns import (
     sysctl_problem,
 )
 from moorage.util.helper import helper_env
+from moorage.util.idmap import IdMapping
 
 HELPER_MODULE = "moorage.sandbox.pinns"
 #: Exit code of the helper when it refused the request (1 is a failure of the machine).
@@ -64,9 +65,20 @@ class PinnedNamespaces:
     net: str | None = None
     ipc: str | None = None
     uts: str | None = None
+    #: The pod's user namespace (it owns the others); None: the host's.
+    user: str | None = None
 
     def paths(self) -> list[str]:
-        return [p for p in (self.net, self.ipc, self.uts) if p is not None]
+        """Every pin, the user namespace last (the others hold a reference to it anyway)."""
+        return [p for p in (self.net, self.ipc, self.uts, self.user) if p is not None]
+
+
+@dataclass(frozen=True)
+class UserMappings:
+    """The uid and gid mappings of a new user namespace."""
+
+    uids: tuple[IdMapping, ...]
+    gids: tuple[IdMapping, ...]
 
 
 # -- validation ------------------------------------------------------------------------------
@@ -110,9 +122,15 @@ def pin_argv(
     uts: bool,
     hostname: str = "",
     sysctls: Mapping[str, str] = _NO_SYSCTLS,
+    user: UserMappings | None = None,
 ) -> list[str]:
     """The helper's arguments (after ``-m moorage.sandbox.pinns``) for :func:`pin`."""
     argv = ["--dir", str(ns_dir), "--id", sandbox_id]
+    if user is not None:
+        argv.append("--user")
+        for option, mappings in (("--uid-map", user.uids), ("--gid-map", user.gids)):
+            for m in mappings:
+                argv += [option, f"{m.container_id}:{m.host_id}:{m.length}"]
     argv += [f"--{t}" for t, wanted in (("net", net), ("ipc", ipc), ("uts", uts)) if wanted]
     if hostname:
         argv += ["--hostname", hostname]
@@ -127,6 +145,7 @@ def infra_argv(
     """The helper's arguments for :func:`start_infra`."""
     argv = ["infra"]
     for option, path in (
+        ("--user-ns", pinned.user),
         ("--net-ns", pinned.net),
         ("--ipc-ns", pinned.ipc),
         ("--uts-ns", pinned.uts),
@@ -150,10 +169,13 @@ async def pin(
     uts: bool,
     hostname: str = "",
     sysctls: Mapping[str, str] = _NO_SYSCTLS,
+    user: UserMappings | None = None,
 ) -> PinnedNamespaces:
     """Create the asked-for namespaces and pin them at ``ns_dir/<type>/<sandbox_id>``.
 
     ``ns_dir`` must be absolute; its ``<type>`` subdirectories are created (mode 0700).
+    With ``user``, a user namespace with those mappings is created first and owns the
+    others (pinned at ``ns_dir/user/<sandbox_id>``).
 
     ``hostname`` is set in the new UTS namespace and ``sysctls`` in the new network and IPC
     namespaces (each must belong to one of them). On any failure, and on cancellation,
@@ -172,11 +194,13 @@ async def pin(
         net=str(ns_dir / "net" / sandbox_id) if net else None,
         ipc=str(ns_dir / "ipc" / sandbox_id) if ipc else None,
         uts=str(ns_dir / "uts" / sandbox_id) if uts else None,
+        user=str(ns_dir / "user" / sandbox_id) if user is not None else None,
     )
     if not expected.paths():
         return expected
     argv = pin_argv(
-        ns_dir, sandbox_id, net=net, ipc=ipc, uts=uts, hostname=hostname, sysctls=sysctls
+        ns_dir, sandbox_id, net=net, ipc=ipc, uts=uts, hostname=hostname, sysctls=sysctls,
+        user=user,
     )
     what = f"pinning namespaces of sandbox {sandbox_id}"
     try:
@@ -190,6 +214,7 @@ async def pin(
             net=_str_or_none(answer.get("net")),
             ipc=_str_or_none(answer.get("ipc")),
             uts=_str_or_none(answer.get("uts")),
+            user=_str_or_none(answer.get("user")),
         )
         if got == expected:
             return got

@@ -70,8 +70,13 @@ class RuntimeService(StatsRpcs, SandboxRpcs, ContainerRpcs, StreamingRpcs,
         if request.verbose:
             info = {key: json.dumps(value) for key, value in self.info().items()}
         # The default handler is listed under the empty name too, as kubelet looks it up so.
-        handlers = [pb.RuntimeHandler(name=name, features=pb.RuntimeHandlerFeatures())
-                    for name in ["", *self.handlers]]
+        # user_namespaces: the node (kernel, idmapped overlays, probed once at start) and
+        # the handler's runtime (its cached ``features``) can run pods with one.
+        default = self.sandboxes.default_handler
+        handlers = [
+            pb.RuntimeHandler(name=name, features=pb.RuntimeHandlerFeatures(
+                user_namespaces=await self.sandboxes.userns_supported(name or default)))
+            for name in ["", *self.handlers]]
         return pb.StatusResponse(status=pb.RuntimeStatus(conditions=conditions), info=info,
                                  runtime_handlers=handlers)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 from moorage.cri.v1 import api_pb2 as pb
@@ -12,9 +12,11 @@ from moorage.network import Bandwidth, PortMapping
 from moorage.sandbox.cgroups import Resources
 from moorage.sandbox.files import DnsConfig
 from moorage.sandbox.manager import SandboxFilter, SandboxManager
-from moorage.sandbox.model import Mode, Sandbox, SandboxSpec, State
+from moorage.sandbox.model import Mode, Sandbox, SandboxSpec, State, UserNamespace
+from moorage.sandbox.userns import FIELD
 from moorage.server.rpc import Ctx, stream, unary
 from moorage.util import codec
+from moorage.util.idmap import IdMapping
 from moorage.util.quantity import parse_quantity
 
 _PROTOCOLS = {pb.TCP: "tcp", pb.UDP: "udp", pb.SCTP: "sctp"}
@@ -52,6 +54,44 @@ def _bandwidth(annotations: dict[str, str]) -> Bandwidth | None:
                      egress_rate=egress, egress_burst=_DEFAULT_BURST if egress else 0)
 
 
+def _mode(value: int, name: str) -> Mode:
+    try:
+        return Mode(value)
+    except ValueError as e:
+        raise InvalidArgument(f"config.linux.security_context.namespace_options.{name}: "
+                              f"unknown namespace mode {value}") from e
+
+
+def ids_from_proto(mappings: Iterable[pb.IDMapping]) -> tuple[IdMapping, ...]:
+    return tuple(IdMapping(m.container_id, m.host_id, m.length) for m in mappings)
+
+
+def ids_to_proto(mappings: Iterable[IdMapping]) -> list[pb.IDMapping]:
+    return [pb.IDMapping(host_id=m.host_id, container_id=m.container_id, length=m.length)
+            for m in mappings]
+
+
+def userns_from_proto(ns: pb.NamespaceOption, field: str) -> UserNamespace | None:
+    """``userns_options`` (None when absent: the caller decides what that means); ``field``
+    names it in errors."""
+    if not ns.HasField("userns_options"):
+        return None
+    u = ns.userns_options
+    try:
+        mode = Mode(u.mode)
+    except ValueError:
+        raise InvalidArgument(f"{field}.mode: unknown namespace mode {u.mode}") from None
+    return UserNamespace(
+        mode=mode,
+        uids=ids_from_proto(u.uids), gids=ids_from_proto(u.gids),
+    )
+
+
+def userns_to_proto(userns: UserNamespace) -> pb.UserNamespace:
+    return pb.UserNamespace(mode=int(userns.mode),  # type: ignore[arg-type]
+                            uids=ids_to_proto(userns.uids), gids=ids_to_proto(userns.gids))
+
+
 def spec_from_proto(request: pb.RunPodSandboxRequest) -> SandboxSpec:
     if not request.HasField("config"):
         raise InvalidArgument("config is required")
@@ -75,10 +115,12 @@ def spec_from_proto(request: pb.RunPodSandboxRequest) -> SandboxSpec:
         dns=DnsConfig(tuple(c.dns_config.servers), tuple(c.dns_config.searches),
                       tuple(c.dns_config.options)),
         port_mappings=tuple(mappings), labels=dict(c.labels), annotations=annotations,
-        cgroup_parent=linux.cgroup_parent, network=Mode(ns.network), pid=Mode(ns.pid),
-        ipc=Mode(ns.ipc), sysctls=dict(linux.sysctls),
+        cgroup_parent=linux.cgroup_parent, network=_mode(ns.network, "network"),
+        pid=_mode(ns.pid, "pid"), ipc=_mode(ns.ipc, "ipc"), sysctls=dict(linux.sysctls),
         resources=resources_from_proto(linux.resources) if linux.HasField("resources") else None,
         bandwidth=_bandwidth(annotations), privileged=sec.privileged,
+        # No options: the host's user namespace (what crictl and older kubelets mean).
+        userns=userns_from_proto(ns, FIELD) or UserNamespace(),
     )
 
 
@@ -111,6 +153,7 @@ def to_status(sb: Sandbox) -> pb.PodSandboxStatus:
         ),
         linux=pb.LinuxPodSandboxStatus(namespaces=pb.Namespace(options=pb.NamespaceOption(
             network=int(s.network), pid=int(s.pid), ipc=int(s.ipc),  # type: ignore[arg-type]
+            userns_options=userns_to_proto(s.userns),
         ))),
         labels=s.labels, annotations=s.annotations, runtime_handler=sb.runtime_handler,
     )
@@ -133,7 +176,8 @@ class SandboxRpcs:
         info: dict[str, Any] = {
             "pid": sb.infra_pid or 0,
             "netnsPath": pinned.net or "",
-            "namespaces": {"net": pinned.net, "ipc": pinned.ipc, "uts": pinned.uts},
+            "namespaces": {"net": pinned.net, "ipc": pinned.ipc, "uts": pinned.uts,
+                           "user": pinned.user},
             "cgroupPath": sb.cgroup_path,
             "runtimeHandler": sb.runtime_handler,
             "cniResult": (self.sandboxes.cni.cached(sb.id) or {}).get("result"),

@@ -22,6 +22,18 @@ that thread a working directory of its own (no fork).  That leaves room for abou
 
 Links are shared by containers and safe to drop at any time (``prune_links``): the kernel
 resolves them at mount time, and ``mount`` recreates them from ``lower.json``.
+
+**User namespaces** (a pod with its own, see ``docs/sandboxes.md``). The layers on disk are
+owned by host ids (mostly root); the pod's root is an unprivileged host uid ``H``. As
+containerd's overlay snapshotter and containers/storage do on kernels that allow it, each
+lower layer is given to overlayfs as an *idmapped* mount (``open_tree`` clone +
+``mount_setattr(MOUNT_ATTR_IDMAP)`` with the pod's user namespace, referenced in the mount
+data as ``/proc/self/fd/N``: shorter than a link name): a file of host root shows as owned
+by ``H``, i.e. by root in the pod. The upper directory (and the image volumes made in it)
+is chowned to the pod's root, so what the container writes lands in it as host ``H``. The
+overlay itself cannot be idmapped (overlayfs does not allow it), nor can its upper layer
+(overlayfs works in upper/work with the mounter's credentials, which an idmapped upper does
+not map: ``EOVERFLOW``). :func:`idmap_problem` tries all this once on a scratch overlay.
 """
 
 from __future__ import annotations
@@ -49,6 +61,7 @@ from moorage.errors import (
     NotFound,
 )
 from moorage.util.fs import atomic_write, remove_tree, tree_usage
+from moorage.util.idmap import MappedUserNamespace, clone_idmapped, detach
 
 _log = log.get("moorage.storage")
 
@@ -114,14 +127,21 @@ class ContainerStorage:
     # ------------------------------------------------------------------ create / mount
 
     def create(
-        self, container_id: str, layers: Sequence[Path], *, volumes: Sequence[str] = ()
+        self,
+        container_id: str,
+        layers: Sequence[Path],
+        *,
+        volumes: Sequence[str] = (),
+        userns: MappedUserNamespace | None = None,
     ) -> RootFs:
         """Make upper/work, mount the overlay on merged and create the image's volume dirs.
 
         ``layers``: unpacked layer directories, lowest first.  ``volumes``: the image
         config's ``Volumes`` paths; each missing one is made as an empty directory (0755)
         through the mounted view, so it lands in upper and a path through a symlink of the
-        image resolves inside the root filesystem, never outside it.
+        image resolves inside the root filesystem, never outside it.  ``userns``: the pod's
+        user namespace: the layers are idmapped into it and upper (and the volume dirs) are
+        owned by its root (module docstring).
         """
         d = self._dir(container_id)
         for v in volumes:
@@ -150,13 +170,19 @@ class ContainerStorage:
             fs.upper.mkdir(mode=0o755)
             # The overlay's root directory is upper itself: give it the top layer's
             # owner and mode, as containers/storage does.
+            owner = userns.host_owner(0, 0) if userns is not None else None
             if lowers:
                 st = os.stat(lowers[-1])
-                os.chown(fs.upper, st.st_uid, st.st_gid)
+                uid, gid = st.st_uid, st.st_gid
+                if userns is not None:
+                    uid, gid = userns.host_owner(uid, gid)
+                os.chown(fs.upper, uid, gid)
                 os.chmod(fs.upper, stat.S_IMODE(st.st_mode))
-            self._mount(container_id, lowers)
+            elif owner is not None:
+                os.chown(fs.upper, *owner)
+            self._mount(container_id, lowers, userns)
             for v in volumes:
-                _make_dir_in_root(fs.merged, v)
+                _make_dir_in_root(fs.merged, v, owner=owner)
         except BaseException:
             with contextlib.suppress(Exception):
                 self.remove(container_id)
@@ -164,8 +190,10 @@ class ContainerStorage:
         _log.debug("container storage created", container=container_id, layers=len(lowers))
         return fs
 
-    def mount(self, container_id: str) -> RootFs:
-        """Mount a container's overlay again (after ``unmount`` or a reboot); idempotent."""
+    def mount(self, container_id: str, userns: MappedUserNamespace | None = None) -> RootFs:
+        """Mount a container's overlay again (after ``unmount`` or a reboot); idempotent.
+
+        ``userns`` must be the one the storage was created with."""
         fs = self.rootfs(container_id)
         d = fs.upper.parent
         try:
@@ -186,12 +214,20 @@ class ContainerStorage:
             if not sub.is_dir():
                 raise Internal(f"storage of container {container_id} lacks {sub.name}/")
         self._prepare_root()
-        self._mount(container_id, lowers)
+        self._mount(container_id, lowers, userns)
         return fs
 
-    def _mount_data(self, container_id: str, names: Sequence[str], index_off: bool = True) -> str:
+    def _mount_data(
+        self,
+        container_id: str,
+        names: Sequence[str],
+        index_off: bool = True,
+        lower_paths: Sequence[str] | None = None,
+    ) -> str:
+        """The overlay's mount data: lower dirs by short link name (``names``), or by the
+        paths given (``lower_paths``: idmapped layers as ``/proc/self/fd/N``)."""
         rel = f"containers/{container_id}"
-        lower = ":".join(f"l/{n}" for n in names)
+        lower = ":".join(lower_paths if lower_paths is not None else (f"l/{n}" for n in names))
         data = f"lowerdir={lower},upperdir={rel}/upper,workdir={rel}/work"
         if index_off:
             data += ",index=off"
@@ -202,17 +238,39 @@ class ContainerStorage:
             )
         return data
 
-    def _mount(self, container_id: str, lowers: Sequence[Path]) -> None:
+    def _mount(
+        self,
+        container_id: str,
+        lowers: Sequence[Path],
+        userns: MappedUserNamespace | None = None,
+    ) -> None:
+        if userns is not None:
+            # Each layer idmapped, held by an fd for the mount (overlayfs keeps its own).
+            fds: list[int] = []
+            try:
+                for p in reversed(lowers or [self.empty]):  # the top layer first
+                    fds.append(_clone_layer(p, userns.fd))
+                paths = [f"/proc/self/fd/{fd}" for fd in fds]
+                self._mount_lowers(container_id, [], paths)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            return
         with self._lock:
             if lowers:
                 names = [self._ensure_link(p) for p in lowers]
             else:
                 names = [self._ensure_link(self.empty)]
         names.reverse()  # overlayfs wants the top layer first
+        self._mount_lowers(container_id, names, None)
+
+    def _mount_lowers(
+        self, container_id: str, names: Sequence[str], lower_paths: Sequence[str] | None
+    ) -> None:
         target = str(self.rootfs(container_id).merged)
         attempts = [True, False] if self._index_off is not False else [False]
         for index_off in attempts:
-            data = self._mount_data(container_id, names, index_off)
+            data = self._mount_data(container_id, names, index_off, lower_paths)
             err = _mount_in(self.root, target, data)
             if err == 0:
                 if index_off:
@@ -316,6 +374,65 @@ class ContainerStorage:
 # ---------------------------------------------------------------------- helpers
 
 
+def _clone_layer(layer: Path, userns_fd: int) -> int:
+    try:
+        return clone_idmapped(str(layer), userns_fd)
+    except OSError as e:
+        raise FailedPrecondition(
+            f"cannot idmap layer {layer} for a user namespace: {e.strerror or e}"
+        ) from None
+
+
+def idmap_problem(directory: Path, userns: MappedUserNamespace) -> str | None:
+    """Why containers of a pod with a user namespace cannot get their root filesystems
+    under ``directory`` (None: they can): a scratch overlay is mounted there the way
+    :meth:`ContainerStorage.create` mounts one (an idmapped lower layer, a chowned upper),
+    a file of host root must show as owned by the pod's root, and all is removed again.
+    """
+    scratch = directory / ".idmap-probe"  # a fixed name: a killed probe's is found again
+    expected = userns.host_owner(0, 0)
+    try:
+        directory.mkdir(mode=0o711, parents=True, exist_ok=True)
+        with contextlib.suppress(OSError):
+            detach(str(scratch / "merged"))
+        remove_tree(scratch)
+        scratch.mkdir(mode=0o700)
+        for sub in ("lower", "upper", "work", "merged"):
+            (scratch / sub).mkdir()
+        (scratch / "lower" / "f").write_bytes(b"")
+        os.chown(scratch / "upper", *expected)
+        try:
+            fd = clone_idmapped(str(scratch / "lower"), userns.fd)
+        except OSError as e:
+            return f"the filesystem of {directory} cannot be idmapped: {e.strerror or e}"
+        try:
+            err = _mount_in(
+                scratch, str(scratch / "merged"),
+                f"lowerdir=/proc/self/fd/{fd},upperdir=upper,workdir=work",
+            )
+        finally:
+            os.close(fd)
+        if err:
+            return f"overlayfs refused an idmapped lower layer in {directory}: {os.strerror(err)}"
+        try:
+            st = os.stat(scratch / "merged" / "f")
+            root = os.stat(scratch / "merged")
+        finally:
+            detach(str(scratch / "merged"))
+        if (st.st_uid, st.st_gid) != expected or (root.st_uid, root.st_gid) != expected:
+            return (
+                f"an idmapped overlay in {directory} shows host root's files as owned by "
+                f"{st.st_uid}:{st.st_gid}, not by the pod's root {expected[0]}:{expected[1]}"
+            )
+        return None
+    except OSError as e:
+        return f"probing idmapped overlays in {directory}: {e.strerror or e}"
+    finally:
+        with contextlib.suppress(OSError):
+            detach(str(scratch / "merged"))
+            remove_tree(scratch)
+
+
 def _mount_in(cwd: Path, target: str, data: str) -> int:
     """mount -t overlay with ``data`` relative to ``cwd``; returns an errno (0 = done).
 
@@ -354,8 +471,11 @@ def _mount_points() -> set[str]:
     return points
 
 
-def _make_dir_in_root(root: Path, path: str, mode: int = 0o755) -> None:
-    """``mkdir -p root/path`` where symlinks resolve with ``root`` as ``/``.
+def _make_dir_in_root(
+    root: Path, path: str, mode: int = 0o755, owner: tuple[int, int] | None = None
+) -> None:
+    """``mkdir -p root/path`` where symlinks resolve with ``root`` as ``/``; the directories
+    it makes are chowned to ``owner`` when given.
 
     Every step is an ``openat`` relative to the directory resolved so far, with
     ``O_NOFOLLOW``; a symlink is read and its target walked again from ``root`` (absolute)
@@ -401,6 +521,8 @@ def _make_dir_in_root(root: Path, path: str, mode: int = 0o755) -> None:
             stack.append(fd)
             if created:
                 os.fchmod(fd, mode)  # not narrowed by the daemon's umask
+                if owner is not None:
+                    os.fchown(fd, *owner)
     finally:
         for fd in stack:
             os.close(fd)

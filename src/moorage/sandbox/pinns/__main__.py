@@ -18,6 +18,8 @@ from moorage.sandbox.pinns import (
     NAMESPACE_TYPES,
     hostname_problem,
     id_problem,
+    mappings_problem,
+    parse_mapping,
     sysctl_namespace,
     sysctl_problem,
 )
@@ -35,7 +37,10 @@ CLONE_NEWIPC = 0x08000000
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWNET = 0x40000000
 CLONE_NEWPID = 0x20000000
-_CLONE_FLAGS = {"net": CLONE_NEWNET, "ipc": CLONE_NEWIPC, "uts": CLONE_NEWUTS}
+CLONE_NEWUSER = 0x10000000
+_CLONE_FLAGS = {
+    "user": CLONE_NEWUSER, "net": CLONE_NEWNET, "ipc": CLONE_NEWIPC, "uts": CLONE_NEWUTS
+}
 
 _MS_BIND = 4096
 _MNT_DETACH = 2
@@ -117,6 +122,9 @@ class _Libc:
 class _PinArgs(argparse.Namespace):
     dir: str
     id: str
+    user: bool
+    uid_map: list[str]
+    gid_map: list[str]
     net: bool
     ipc: bool
     uts: bool
@@ -131,6 +139,13 @@ def _parse_pin_args(argv: Sequence[str]) -> _PinArgs:
     )
     parser.add_argument("--dir", required=True, help="pin directory (absolute)")
     parser.add_argument("--id", required=True, help="sandbox id: the pins' file name")
+    parser.add_argument("--user", action="store_true", help="a new user namespace (first)")
+    parser.add_argument(
+        "--uid-map", action="append", default=[], metavar="C:H:L", help="uid_map line"
+    )
+    parser.add_argument(
+        "--gid-map", action="append", default=[], metavar="C:H:L", help="gid_map line"
+    )
     parser.add_argument("--net", action="store_true", help="a new network namespace")
     parser.add_argument("--ipc", action="store_true", help="a new IPC namespace")
     parser.add_argument("--uts", action="store_true", help="a new UTS namespace")
@@ -184,6 +199,23 @@ def _write_sysctl(key: str, value: str) -> None:
         os.close(fd)
 
 
+def _mappings(kind: str, texts: list[str]) -> list[tuple[int, int, int]]:
+    out = []
+    for text in texts:
+        mapping = parse_mapping(text)
+        if mapping is None:
+            raise Refused(f"{kind}: {text!r} is not CONTAINER:HOST:LENGTH")
+        out.append(mapping)
+    problem = mappings_problem(kind, out)
+    if problem:
+        raise Refused(problem)
+    return out
+
+
+def _map_file(mappings: list[tuple[int, int, int]]) -> bytes:
+    return "".join(f"{c} {h} {n}\n" for c, h, n in mappings).encode()
+
+
 def _pin(libc: _Libc, args: _PinArgs, made: list[str]) -> dict[str, str]:
     """The pin command; every pin file it creates is appended to ``made`` before use."""
     problem = id_problem(args.id) or hostname_problem(args.hostname)
@@ -193,21 +225,139 @@ def _pin(libc: _Libc, args: _PinArgs, made: list[str]) -> dict[str, str]:
         raise Refused(f"pin directory {args.dir!r} is not absolute")
     types = [t for t in NAMESPACE_TYPES if getattr(args, t)]
     if not types:
-        raise Refused("no namespace asked for (--net, --ipc, --uts)")
+        raise Refused("no namespace asked for (--user, --net, --ipc, --uts)")
     if args.hostname and not args.uts:
         raise Refused("--hostname needs a new UTS namespace (--uts)")
+    if (args.uid_map or args.gid_map) and not args.user:
+        raise Refused("--uid-map and --gid-map need a new user namespace (--user)")
     sysctls = _pin_sysctls(args)
 
     flags = 0
     for t in types:
         flags |= _CLONE_FLAGS[t]
+    if args.user:
+        uids = _mappings("uids", args.uid_map)
+        gids = _mappings("gids", args.gid_map)
+        with _UserNamespaceChild(libc, flags & ~CLONE_NEWUSER, args.hostname, sysctls) as child:
+            child.map(uids, gids)
+            return _bind_pins(libc, args, types, f"/proc/{child.pid}/ns", made)
     # This process is single-threaded: unshare() moves the whole process.
     libc.unshare(flags, "+".join(types))
-    if args.hostname:
-        libc.sethostname(args.hostname.encode("utf-8", "surrogateescape"))
+    _enter_setup(libc, args.hostname, sysctls)
+    return _bind_pins(libc, args, types, "/proc/thread-self/ns", made)
+
+
+def _enter_setup(libc: _Libc, hostname: str, sysctls: list[tuple[str, str]]) -> None:
+    """Inside the new namespaces: the hostname, then the sysctls."""
+    if hostname:
+        libc.sethostname(hostname.encode("utf-8", "surrogateescape"))
     for key, value in sysctls:
         _write_sysctl(key, value)
 
+
+class _UserNamespaceChild:
+    """A forked child in a new user namespace, mapped from here, that then unshares the
+    other namespaces (so the user namespace owns them) and waits until its namespaces are
+    pinned: closing the pipe to it (leaving the ``with``) lets it exit; it is reaped then.
+
+    The child reports each step on a pipe: ``b"."`` done, ``b"R"`` + message refused,
+    ``b"F"`` + message failed.
+    """
+
+    def __init__(
+        self, libc: _Libc, flags: int, hostname: str, sysctls: list[tuple[str, str]]
+    ) -> None:
+        self.libc = libc
+        self.flags = flags
+        self.hostname = hostname
+        self.sysctls = sysctls
+        self.pid = 0
+
+    def __enter__(self) -> _UserNamespaceChild:
+        up_r, self._up_w = os.pipe()  # child -> helper
+        self._down_r, down_w = os.pipe()  # helper -> child
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover (the child always leaves through os._exit)
+            os.close(up_r)
+            os.close(down_w)
+            self._child()
+        os.close(self._up_w)
+        os.close(self._down_r)
+        self.pid, self._up, self._down = pid, up_r, down_w
+        try:
+            self._expect("unshare(user)")
+        except BaseException:
+            self._end()
+            raise
+        return self
+
+    def _child(self) -> None:  # pragma: no cover (runs in the forked child)
+        code = 0
+        try:
+            libc = self.libc
+            libc.set_pdeathsig(signal.SIGKILL)
+            libc.unshare(CLONE_NEWUSER, "user")
+            os.write(self._up_w, b".")
+            if os.read(self._down_r, 1) != b".":
+                os._exit(1)  # the helper gave up
+            os.setresgid(0, 0, 0)
+            os.setresuid(0, 0, 0)
+            libc.set_pdeathsig(signal.SIGKILL)  # a change of credentials cleared it
+            if self.flags:
+                libc.unshare(self.flags, "namespaces owned by the user namespace")
+            _enter_setup(libc, self.hostname, self.sysctls)
+            os.write(self._up_w, b".")
+            os.read(self._down_r, 1)  # EOF: pinned (or given up)
+        except Refused as e:
+            code = 2
+            os.write(self._up_w, b"R" + str(e).encode("utf-8", "replace")[:4000])
+        except BaseException as e:
+            code = 1
+            message = _message(e) if isinstance(e, OSError) else repr(e)
+            os.write(self._up_w, b"F" + message.encode("utf-8", "replace")[:4000])
+        os._exit(code)
+
+    def _expect(self, step: str) -> None:
+        answer = os.read(self._up, 4096)
+        if answer == b".":
+            return
+        message = answer[1:].decode("utf-8", "replace")
+        if answer[:1] == b"R":
+            raise Refused(message)
+        if answer[:1] == b"F":
+            raise OSError(f"user namespace child: {message}")
+        raise OSError(f"user namespace child died during {step}")
+
+    def map(self, uids: list[tuple[int, int, int]], gids: list[tuple[int, int, int]]) -> None:
+        """Write the child's gid_map and uid_map, then let it create the other namespaces."""
+        for name, mappings in (("gid_map", gids), ("uid_map", uids)):
+            path = f"/proc/{self.pid}/{name}"
+            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                data = _map_file(mappings)
+                try:
+                    os.write(fd, data)
+                except OSError as e:
+                    raise Refused(
+                        f"the kernel refused the {name} {data.decode().strip()!r}: {e.strerror}"
+                    ) from None
+            finally:
+                os.close(fd)
+        os.write(self._down, b".")
+        self._expect("the creation of the namespaces")
+
+    def _end(self) -> None:
+        os.close(self._down)
+        os.close(self._up)
+        os.waitpid(self.pid, 0)
+
+    def __exit__(self, *exc: object) -> None:
+        self._end()
+
+
+def _bind_pins(
+    libc: _Libc, args: _PinArgs, types: list[str], ns_dir: str, made: list[str]
+) -> dict[str, str]:
     pins: dict[str, str] = {}
     for t in types:
         type_dir = os.path.join(args.dir, t)
@@ -219,7 +369,7 @@ def _pin(libc: _Libc, args: _PinArgs, made: list[str]) -> dict[str, str]:
             raise OSError(f"pin {path} already exists") from None
         os.close(fd)
         made.append(path)
-        libc.bind_mount(f"/proc/thread-self/ns/{t}", path)
+        libc.bind_mount(f"{ns_dir}/{t}", path)
         pins[t] = path
     return pins
 
@@ -239,6 +389,7 @@ def _undo_pins(libc: _Libc, made: Sequence[str]) -> None:
 
 
 class _InfraArgs(argparse.Namespace):
+    user_ns: str | None
     net_ns: str | None
     ipc_ns: str | None
     uts_ns: str | None
@@ -256,6 +407,7 @@ def _parse_infra_args(argv: Sequence[str]) -> tuple[_InfraArgs, list[str]]:
         prog="python -m moorage.sandbox.pinns infra",
         description="Start a pod's infra process as PID 1 of a new PID namespace.",
     )
+    parser.add_argument("--user-ns", help="user namespace to join (first)")
     parser.add_argument("--net-ns", help="network namespace to join")
     parser.add_argument("--ipc-ns", help="IPC namespace to join")
     parser.add_argument("--uts-ns", help="UTS namespace to join")
@@ -265,8 +417,14 @@ def _parse_infra_args(argv: Sequence[str]) -> tuple[_InfraArgs, list[str]]:
     return parser.parse_args(options, namespace=_InfraArgs()), command
 
 
-def _become_infra(libc: _Libc, cgroup_procs: Sequence[str], command: Sequence[str], w: int) -> None:
-    """In the forked child (PID 1 of the new PID namespace): set up, then exec ``command``."""
+def _become_infra(
+    libc: _Libc, cgroup_procs: Sequence[str], command: Sequence[str], w: int, pod_root: bool
+) -> None:
+    """In the forked child (PID 1 of the new PID namespace): set up, then exec ``command``.
+
+    ``pod_root``: become root of the user namespace joined (after the cgroups, which are
+    the host's files: moving needs the host uid the process still has).
+    """
     os.setsid()
     libc.set_pdeathsig(0)  # must outlive the helper and the daemon
     for procs in cgroup_procs:
@@ -278,6 +436,11 @@ def _become_infra(libc: _Libc, cgroup_procs: Sequence[str], command: Sequence[st
                 os.close(fd)
         except OSError as e:
             raise OSError(e.errno, f"cannot join cgroup {procs}: {e.strerror}") from None
+    if pod_root:
+        os.setgroups([])
+        os.setresgid(0, 0, 0)
+        os.setresuid(0, 0, 0)
+        libc.set_pdeathsig(0)
     null = os.open("/dev/null", os.O_RDWR)
     for std in (0, 1, 2):
         os.dup2(null, std)  # the daemon's pipes must not stay open in the infra process
@@ -295,7 +458,10 @@ def _become_infra(libc: _Libc, cgroup_procs: Sequence[str], command: Sequence[st
 def _infra(libc: _Libc, args: _InfraArgs, command: list[str]) -> dict[str, Any]:
     if not command or not os.path.isabs(command[0]):
         raise Refused(f"infra command {command!r} must start with an absolute path")
-    for nstype, path in (("uts", args.uts_ns), ("ipc", args.ipc_ns), ("net", args.net_ns)):
+    namespaces = (
+        ("user", args.user_ns), ("uts", args.uts_ns), ("ipc", args.ipc_ns), ("net", args.net_ns)
+    )
+    for nstype, path in namespaces:
         if path is None:
             continue
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -309,7 +475,7 @@ def _infra(libc: _Libc, args: _InfraArgs, command: list[str]) -> dict[str, Any]:
     if pid == 0:  # pragma: no cover (the child either execs or reports and exits)
         try:
             os.close(r)
-            _become_infra(libc, args.cgroup_procs, command, w)
+            _become_infra(libc, args.cgroup_procs, command, w, args.user_ns is not None)
         except BaseException as e:
             message = _message(e) if isinstance(e, OSError) else repr(e)
             try:
