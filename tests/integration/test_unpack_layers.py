@@ -22,7 +22,13 @@ import pytest
 import zstandard
 
 from moorage.errors import InvalidArgument
-from moorage.image.unpacker import Compression, UnpackError, UnpackResult, unpack_layer
+from moorage.image.unpacker import (
+    Compression,
+    LayerTooLarge,
+    UnpackError,
+    UnpackResult,
+    unpack_layer,
+)
 
 pytestmark = [
     pytest.mark.root,
@@ -484,13 +490,24 @@ async def test_corrupt_stream_is_refused(
 async def test_max_size(tmp_path: Path, compression: Compression) -> None:
     raw = tar(file("big", bytes(4 << 20)))
     before = outside(tmp_path)
-    with pytest.raises(UnpackError, match="larger than the limit of 1048576 uncompressed bytes"):
+    with pytest.raises(LayerTooLarge, match="larger than the limit of 1048576 uncompressed bytes"):
         await unpack(tmp_path, compress(raw, compression), compression, max_size=1 << 20)
     assert outside(tmp_path) - before == {"blob"}
     again = tmp_path / "again"
     again.mkdir()
     _, result = await unpack(again, compress(raw, compression), compression, len(raw))
     assert result.size == len(raw)
+
+
+async def test_max_entries(tmp_path: Path) -> None:
+    raw = tar(*(file(f"f{i}", b"x") for i in range(50)))
+    path = tmp_path / "blob"
+    path.write_bytes(raw)
+    with pytest.raises(LayerTooLarge, match="more than 49 entries") as info:
+        await unpack_layer(path, tmp_path / "layers/l1", "none", max_entries=49)
+    assert info.value.code == "RESOURCE_EXHAUSTED"
+    result = await unpack_layer(path, tmp_path / "layers/l2", "none", max_entries=50)
+    assert result.entries == 50
 
 
 def test_helper_refuses_imports_after_chroot(tmp_path: Path) -> None:

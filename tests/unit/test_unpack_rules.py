@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-from moorage.errors import FailedPrecondition, InvalidArgument
+from moorage.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from moorage.image.unpack.rules import (
     LayerError,
     Whiteout,
@@ -18,6 +16,7 @@ from moorage.image.unpack.rules import (
     xattrs_of,
 )
 from moorage.image.unpacker import (
+    LayerTooLarge,
     UnpackError,
     UnpackResult,
     _parse_answer,
@@ -192,16 +191,31 @@ def test_unpack_error_is_a_failed_precondition() -> None:
 
 def test_parse_answer_success() -> None:
     out = b'{"diff_id": "sha256:ab", "size": 1024, "entries": 3}\n'
-    assert _parse_answer(Path("blob"), 0, out, b"") == UnpackResult("sha256:ab", 1024, 3)
+    assert _parse_answer("blob", 0, out, b"") == UnpackResult("sha256:ab", 1024, 3)
 
 
 def test_parse_answer_refused() -> None:
     with pytest.raises(UnpackError, match="layer blob refused: entry '../x': path has"):
-        _parse_answer(Path("blob"), 2, b'{"error": "entry \'../x\': path has"}\n', b"")
+        _parse_answer("blob", 2, b'{"error": "entry \'../x\': path has"}\n', b"")
 
 
 def test_parse_answer_crash_includes_stderr_tail() -> None:
     stderr = b"noise\n" * 1000 + b"Traceback: boom"
     with pytest.raises(UnpackError, match="(?s)exited with -9 and no answer: .*boom$") as info:
-        _parse_answer(Path("blob"), -9, b"", stderr)
+        _parse_answer("blob", -9, b"", stderr)
     assert len(info.value.message) < 2200
+
+
+def test_parse_answer_limit_is_resource_exhausted() -> None:
+    answer = b'{"error": "layer has more than 5 entries (max_layer_entries)"}\n'
+    with pytest.raises(LayerTooLarge, match="layer sha256:ab refused: .*max_layer_entries"):
+        _parse_answer("sha256:ab", 3, answer, b"")
+    assert issubclass(LayerTooLarge, ResourceExhausted)
+
+
+def test_parse_answer_cuts_a_huge_error() -> None:
+    answer = ('{"error": "entry ' + "d/" * 5000 + ': File name too long"}\n').encode()
+    with pytest.raises(UnpackError) as info:
+        _parse_answer("blob", 2, answer, b"")
+    assert len(info.value.message) < 2200
+    assert info.value.message.endswith("File name too long")

@@ -24,6 +24,9 @@ CONFIG_TYPES = (
     "application/vnd.docker.container.image.v1+json",
 )
 
+#: Platforms an error about a missing platform names at most.
+_PLATFORMS_NAMED = 10
+
 _GOARCH = {
     "x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64",
     "armv7l": "arm", "armv6l": "arm", "i686": "386", "i386": "386",
@@ -146,7 +149,11 @@ def select_platform(entries: list[Descriptor], want: Platform, what: str) -> Des
     ]
     if loose:
         return loose[0]
-    offered = ", ".join(sorted({str(e.platform) for e in entries if e.platform})) or "none"
+    platforms = sorted({str(e.platform) for e in entries if e.platform})
+    # A hostile index may list thousands of platforms: name a few, count the rest.
+    offered = ", ".join(platforms[:_PLATFORMS_NAMED]) or "none"
+    if len(platforms) > _PLATFORMS_NAMED:
+        offered += f" and {len(platforms) - _PLATFORMS_NAMED} more"
     raise NotFound(f"{what}: no image for platform {want} (the index offers: {offered})")
 
 

@@ -25,6 +25,7 @@ from moorage.errors import (
     InvalidArgument,
     MoorageError,
     NotFound,
+    ResourceExhausted,
     Unavailable,
 )
 from moorage.image import manifest as mf
@@ -39,6 +40,13 @@ from moorage.util.fs import remove_tree
 _log = log.get("moorage.image")
 T = TypeVar("T")
 _RETRIES = 3
+#: Most layers an image may have: overlayfs stacks at most 500 lower directories
+#: (OVL_MAX_STACK in the kernel), so an image with more could never run. Checked before
+#: anything is downloaded.
+MAX_LAYERS = 500
+#: Slack over ``max_layer_size`` for a compressed blob (gzip or zstd of incompressible data
+#: is a little larger than its input).
+_COMPRESSED_SLACK = 64 * 1024
 
 
 class _SingleFlight(Generic[T]):
@@ -82,6 +90,7 @@ class Puller:
         max_concurrent_downloads: int,
         max_manifest_size: int,
         max_layer_size: int,
+        max_layer_entries: int = 0,
     ) -> None:
         self.store = store
         self.client = client
@@ -89,6 +98,7 @@ class Puller:
         self._unpacks = asyncio.Semaphore(max(1, os.cpu_count() or 1))
         self._max_manifest = max_manifest_size
         self._max_layer = max_layer_size or None
+        self._max_entries = max_layer_entries or None
         self._pulls: _SingleFlight[Image] = _SingleFlight()
         self._layers: _SingleFlight[None] = _SingleFlight()
         self.platform = mf.host_platform()
@@ -126,14 +136,16 @@ class Puller:
         log_ = _log.bind(image=str(resolved.wanted), source=source.endpoint.location)
         check_digest(desc.digest, f"image {resolved.wanted} config")
         if desc.size > self._max_manifest:
-            raise InvalidArgument(
-                f"image {resolved.wanted}: config is {desc.size} bytes, over the limit"
+            raise ResourceExhausted(
+                f"image {resolved.wanted}: config {desc.digest} is {desc.size} bytes, over the "
+                f"limit of {self._max_manifest} (max_manifest_size)"
             )
+        layers = resolved.manifest.layers
+        self._check_layer_bounds(str(resolved.wanted), layers)
         config_blob = await self.client.get_blob_bytes(
-            source.endpoint, source.reference.path, desc.digest, creds, self._max_manifest
+            source.endpoint, source.reference.path, desc.digest, creds, desc.size
         )
         config = mf.parse_config(config_blob, f"image {resolved.wanted} config")
-        layers = resolved.manifest.layers
         if len(config.diff_ids) != len(layers):
             raise InvalidArgument(
                 f"image {resolved.wanted}: manifest has {len(layers)} layers but the config "
@@ -142,7 +154,12 @@ class Puller:
         for i, layer in enumerate(layers):
             check_digest(layer.digest, f"image {resolved.wanted} layer {i}")
             check_digest(config.diff_ids[i], f"image {resolved.wanted} diff_id {i}")
-            compression_for_media_type(layer.media_type)  # refuse unknown types up front
+            try:
+                compression_for_media_type(layer.media_type)  # refuse unknown types up front
+            except InvalidArgument as e:
+                raise InvalidArgument(
+                    f"image {resolved.wanted} layer {i} ({layer.digest}): {e.message}"
+                ) from None
         for diff_id in config.diff_ids:
             self.store.holds[diff_id] = self.store.holds.get(diff_id, 0) + 1
         missing = [(layer, diff_id)
@@ -168,6 +185,23 @@ class Puller:
         log_.info("image.pulled", id=image.id, layers=len(layers))
         downloaded = desc.size + sum(layer.size for layer, _ in missing)
         return image, downloaded, len(missing), len(layers) - len(missing)
+
+    def _check_layer_bounds(self, what: str, layers: tuple[mf.Descriptor, ...]) -> None:
+        """Refuse, before any download, an image that could never run or that a layer's
+        declared size already puts over ``max_layer_size``."""
+        if len(layers) > MAX_LAYERS:
+            raise FailedPrecondition(
+                f"image {what}: manifest has {len(layers)} layers; overlayfs stacks at most "
+                f"{MAX_LAYERS}"
+            )
+        if self._max_layer is None:
+            return
+        for i, layer in enumerate(layers):
+            if layer.size > self._max_layer + self._max_layer // 100 + _COMPRESSED_SLACK:
+                raise ResourceExhausted(
+                    f"image {what}: layer {i} ({layer.digest}) is {layer.size} bytes "
+                    f"compressed, over the limit of {self._max_layer} (max_layer_size)"
+                )
 
     async def _resolve(
         self, ref_text: str, candidates: list[Reference], creds: Credentials | None
@@ -233,6 +267,11 @@ class Puller:
                     break
                 except (Unavailable, DataLoss) as e:
                     if attempt == _RETRIES or "corrupt" in e.message:
+                        if isinstance(e, DataLoss):
+                            # The registry sent a wrong or cut body every time: keep nothing.
+                            # (A stalled or unreachable registry keeps the partial download,
+                            # which the next pull resumes.)
+                            await asyncio.to_thread(partial.unlink, missing_ok=True)
                         raise
                     _log.info("image.layer_retry", digest=layer.digest, error=e.message)
             try:
@@ -240,7 +279,8 @@ class Puller:
                 async with self._unpacks:
                     result = await unpack_layer(
                         partial, tmp, compression_for_media_type(layer.media_type),
-                        max_size=self._max_layer,
+                        max_size=self._max_layer, max_entries=self._max_entries,
+                        name=layer.digest,
                     )
                     if result.diff_id != diff_id:
                         raise DataLoss(

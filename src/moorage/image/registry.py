@@ -31,6 +31,7 @@ from moorage.errors import (
     MoorageError,
     NotFound,
     PermissionDenied,
+    ResourceExhausted,
     Unauthenticated,
     Unavailable,
 )
@@ -49,6 +50,10 @@ MANIFEST_ACCEPT = ", ".join(
     ]
 )
 CHUNK = 1024 * 1024
+#: Redirects followed for one request (Go's net/http and so containerd stop at 10 too). On a
+#: redirect to another origin aiohttp drops the Authorization header, as Go does, so
+#: registry credentials never reach the blob store a registry redirects to.
+MAX_REDIRECTS = 10
 _DIGEST_RE = re.compile(r"^sha256:[a-f0-9]{64}$")
 
 
@@ -204,9 +209,23 @@ class RegistryClient:
                 hdrs["Authorization"] = auth
             try:
                 resp = await session.get(url, headers=hdrs, ssl=ssl_arg if ssl_arg else True,
-                                         timeout=self._timeout())
+                                         timeout=self._timeout(), max_redirects=MAX_REDIRECTS)
             except TimeoutError as e:
                 raise DeadlineExceeded(f"registry {host}: no answer for {url}") from e
+            except aiohttp.TooManyRedirects as e:
+                raise Unavailable(
+                    f"registry {host}: more than {MAX_REDIRECTS} redirects for {url} "
+                    "(a redirect loop?)"
+                ) from e
+            except aiohttp.RedirectClientError as e:
+                raise Unavailable(
+                    f"registry {host}: unusable redirect for {url}: {type(e).__name__} {e}"
+                ) from e
+            except aiohttp.ClientResponseError as e:
+                # A malformed answer: oversized or broken headers, a bad status line, ...
+                raise Unavailable(
+                    f"registry {host}: unusable answer for {url}: {e.message or e}"
+                ) from e
             if resp.status != 401 or attempt == 1:
                 break
             challenge = parse_challenge(resp.headers.get("WWW-Authenticate", ""))
@@ -321,21 +340,12 @@ class RegistryClient:
                 raise Unavailable(f"registry answered {resp.status} for manifest {where}")
             length = resp.content_length
             if length is not None and length > self._max_manifest:
-                raise InvalidArgument(
-                    f"manifest {where} is {length} bytes, over the {self._max_manifest} limit"
+                raise ResourceExhausted(
+                    f"manifest {where} is {length} bytes, over the limit of "
+                    f"{self._max_manifest} (max_manifest_size)"
                 )
-            data = bytearray()
-            try:
-                async for chunk in resp.content.iter_chunked(65536):
-                    data += chunk
-                    if len(data) > self._max_manifest:
-                        raise InvalidArgument(
-                            f"manifest {where} is over the {self._max_manifest} byte limit"
-                        )
-            except TimeoutError as e:
-                raise DeadlineExceeded(f"manifest {where}: registry stalled") from e
-            except aiohttp.ClientPayloadError as e:
-                raise DataLoss(f"manifest {where}: truncated body: {e}") from e
+            data = await _read_bounded(resp, f"manifest {where}", self._max_manifest,
+                                       "max_manifest_size")
             media_type = resp.headers.get("Content-Type", "").split(";")[0].strip()
             header_digest = resp.headers.get("Docker-Content-Digest", "")
         # Schema 1 manifests are signed anew by the registry on every GET, so their bytes
@@ -362,16 +372,7 @@ class RegistryClient:
         resp = await self._request(endpoint, repository, f"blobs/{digest}", creds, {})
         async with resp:
             self._check_blob_status(resp, endpoint, repository, digest)
-            data = bytearray()
-            try:
-                async for chunk in resp.content.iter_chunked(65536):
-                    data += chunk
-                    if len(data) > max_size:
-                        raise InvalidArgument(f"blob {digest} is over the {max_size} byte limit")
-            except TimeoutError as e:
-                raise DeadlineExceeded(f"blob {digest}: registry stalled") from e
-            except aiohttp.ClientPayloadError as e:
-                raise DataLoss(f"blob {digest}: truncated body: {e}") from e
+            data = await _read_bounded(resp, f"blob {digest}", max_size, None)
         actual = "sha256:" + hashlib.sha256(data).hexdigest()
         if actual != digest:
             raise DataLoss(f"blob {digest}: content has digest {actual}; the blob is corrupt")
@@ -446,6 +447,31 @@ class RegistryClient:
                 f"blob {digest}: content has digest sha256:{hasher.hexdigest()}; "
                 "the blob is corrupt"
             )
+
+
+async def _read_bounded(
+    resp: aiohttp.ClientResponse, what: str, limit: int, config_key: str | None
+) -> bytearray:
+    """A whole (small) body in memory, refused as soon as it passes ``limit`` bytes.
+
+    With ``config_key`` the limit is the operator's (RESOURCE_EXHAUSTED, naming the key);
+    without, it is the size a descriptor declared, and more bytes mean corrupt content.
+    """
+    data = bytearray()
+    try:
+        async for chunk in resp.content.iter_chunked(65536):
+            data += chunk
+            if len(data) > limit:
+                if config_key is not None:
+                    raise ResourceExhausted(
+                        f"{what} is over the limit of {limit} bytes ({config_key})"
+                    )
+                raise DataLoss(f"{what}: the registry sent more than the {limit} bytes declared")
+    except TimeoutError as e:
+        raise DeadlineExceeded(f"{what}: the registry stalled") from e
+    except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as e:
+        raise DataLoss(f"{what}: truncated body: {e}") from e
+    return data
 
 
 def _reason(error: Exception | None) -> str:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from moorage.errors import FailedPrecondition, InvalidArgument
+from moorage.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from moorage.util.helper import helper_env
 
 Compression = Literal["gzip", "zstd", "none"]
@@ -24,6 +24,8 @@ Compression = Literal["gzip", "zstd", "none"]
 HELPER_MODULE = "moorage.image.unpack"
 #: Exit code of the helper when it refused the layer (1 is a failure of the machine).
 EXIT_REFUSED = 2
+#: Exit code of the helper when the layer passed a configured bound (size, entries).
+EXIT_LIMIT = 3
 _STDERR_TAIL = 2000
 
 #: Layer media types (OCI image-spec, Docker image manifest v2.2 and the Docker zstd type
@@ -54,6 +56,14 @@ class UnpackError(FailedPrecondition):
     """The layer could not be unpacked; the message says which rule it broke, or what failed."""
 
 
+class LayerTooLarge(ResourceExhausted):
+    """The layer passed ``max_layer_size`` or ``max_layer_entries``.
+
+    RESOURCE_EXHAUSTED rather than FAILED_PRECONDITION: the layer broke no rule, it is over
+    a quota the operator set, and raising the quota makes the same pull work.
+    """
+
+
 def compression_for_media_type(media_type: str) -> Compression:
     """The compression of a layer with this media type (parameters and case are ignored)."""
     key = media_type.split(";", 1)[0].strip().lower()
@@ -69,8 +79,12 @@ async def unpack_layer(
     compression: Compression,
     *,
     max_size: int | None = None,
+    max_entries: int | None = None,
+    name: str | None = None,
 ) -> UnpackResult:
     """Unpack the layer ``blob`` into ``dest`` (created if missing; it must be empty).
+
+    Errors name the layer ``name`` (its digest, say), else the blob's file name.
 
     The result's ``diff_id`` is for the caller to check against the image config. On failure
     ``dest`` keeps whatever was written: unpack into a temporary directory and remove it.
@@ -80,6 +94,8 @@ async def unpack_layer(
         raise InvalidArgument(f"unknown layer compression {compression!r}")
     if max_size is not None and max_size < 0:
         raise InvalidArgument(f"max_size must not be negative, got {max_size}")
+    if max_entries is not None and max_entries < 0:
+        raise InvalidArgument(f"max_entries must not be negative, got {max_entries}")
     # A few syscalls: not worth a thread (whose cancellation would leak the fd).
     blob_fd, dest = _prepare(blob, dest)
     argv = [
@@ -94,6 +110,8 @@ async def unpack_layer(
     ]
     if max_size is not None:
         argv += ["--max-size", str(max_size)]
+    if max_entries is not None:
+        argv += ["--max-entries", str(max_entries)]
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv,
@@ -114,7 +132,7 @@ async def unpack_layer(
             # A second cancellation while reaping still leaves the helper killed.
             await proc.wait()
         raise
-    return _parse_answer(blob, proc.returncode, stdout, stderr)
+    return _parse_answer(name or blob.name, proc.returncode, stdout, stderr)
 
 
 def _prepare(blob: Path, dest: Path) -> tuple[int, Path]:
@@ -141,7 +159,7 @@ def _prepare(blob: Path, dest: Path) -> tuple[int, Path]:
 
 
 
-def _parse_answer(blob: Path, returncode: int | None, stdout: bytes, stderr: bytes) -> UnpackResult:
+def _parse_answer(name: str, returncode: int | None, stdout: bytes, stderr: bytes) -> UnpackResult:
     answer: object = None
     lines = stdout.strip().splitlines()
     if lines:
@@ -157,9 +175,19 @@ def _parse_answer(blob: Path, returncode: int | None, stdout: bytes, stderr: byt
         except (KeyError, TypeError, ValueError):
             pass
     if isinstance(answer, dict) and isinstance(answer.get("error"), str):
+        error = _cut(answer["error"])
+        if returncode == EXIT_LIMIT:
+            raise LayerTooLarge(f"layer {name} refused: {error}")
         verdict = "refused" if returncode == EXIT_REFUSED else "failed"
-        raise UnpackError(f"layer {blob.name} {verdict}: {answer['error']}")
+        raise UnpackError(f"layer {name} {verdict}: {error}")
     tail = stderr.decode("utf-8", "replace").strip()[-_STDERR_TAIL:]
     raise UnpackError(
-        f"layer unpack helper for {blob.name} exited with {returncode} and no answer: {tail}"
+        f"layer unpack helper for {name} exited with {returncode} and no answer: {tail}"
     )
+
+
+def _cut(text: str, keep: int = _STDERR_TAIL) -> str:
+    """The helper's error, cut in the middle if a hostile layer made it long."""
+    if len(text) <= keep:
+        return text
+    return f"{text[: keep // 2]} [...] {text[-keep // 2 :]}"

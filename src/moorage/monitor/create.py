@@ -101,7 +101,7 @@ def open_log(path: str) -> tuple[int, bool]:
     """Open (create) the CRI log file: (fd, whether this call created it)."""
     parent = os.path.dirname(path)
     if parent:
-        os.makedirs(parent, mode=0o750, exist_ok=True)
+        os.makedirs(parent, mode=0o755, exist_ok=True)  # as kubelet makes log dirs
     created = not os.path.lexists(path)
     return os.open(path, LOG_FLAGS, LOG_MODE), created
 

@@ -409,7 +409,7 @@ class Monitor:
     def reopen_log(self) -> None:
         parent = os.path.dirname(self.log_path)
         if parent:
-            os.makedirs(parent, mode=0o750, exist_ok=True)
+            os.makedirs(parent, mode=0o755, exist_ok=True)  # as kubelet makes log dirs
         fd = os.open(self.log_path, LOG_FLAGS, LOG_MODE)
         old, self.log_fd = self.log_fd, fd
         os.close(old)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
-import shutil
+import stat
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,13 +43,93 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
     fsync_dir(path.parent)
 
 
-def remove_tree(path: Path) -> None:
-    """Remove a file or directory tree; a missing path is fine."""
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _scan(dir_fd: int, visit: Callable[[int, str, os.stat_result], None]) -> list[str]:
+    """Call ``visit`` for every entry of the open directory; return its subdirectories."""
+    with os.scandir(dir_fd) as it:
+        entries = [(e.name, e.stat(follow_symlinks=False)) for e in it]
+    subdirs = []
+    for name, st in entries:
+        visit(dir_fd, name, st)
+        if stat.S_ISDIR(st.st_mode):
+            subdirs.append(name)
+    return subdirs
+
+
+def walk_tree(
+    path: Path,
+    visit: Callable[[int, str, os.stat_result], None],
+    leave: Callable[[int, str], None] | None = None,
+) -> None:
+    """Visit every entry below the directory ``path`` without following symlinks.
+
+    ``visit(dir_fd, name, st)`` is called for each entry (directories too, before their
+    content), ``leave(parent_fd, name)`` after a directory's content. The walk keeps one
+    directory open at a time and no recursion, so a layer's tree deeper than Python's
+    recursion limit or longer than PATH_MAX (a hostile one) is walked like any other;
+    going back up, each parent is checked to be the directory the walk came from.
+    """
+    fd = os.open(path, _DIR_FLAGS)
     try:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
+        stack: list[tuple[str, list[str], tuple[int, int]]] = []
+        pending = _scan(fd, visit)
+        while True:
+            if pending:
+                name = pending.pop()
+                try:
+                    child = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                except FileNotFoundError:
+                    continue
+                st = os.fstat(fd)
+                stack.append((name, pending, (st.st_dev, st.st_ino)))
+                os.close(fd)
+                fd = child
+                pending = _scan(fd, visit)
+                continue
+            if not stack:
+                return
+            name, pending, ident = stack.pop()
+            parent = os.open("..", _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = parent
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != ident:
+                raise OSError(errno.ESTALE, f"{path} changed while it was walked")
+            if leave is not None:
+                leave(fd, name)
+    finally:
+        os.close(fd)
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a file or directory tree; a missing path is fine.
+
+    Works on trees of any depth (see :func:`walk_tree`); ``shutil.rmtree`` of Python 3.11
+    recurses, and a hostile layer nests directories deeper than the recursion limit.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        with contextlib.suppress(FileNotFoundError):
             path.unlink()
+        return
+
+    def visit(dir_fd: int, name: str, entry: os.stat_result) -> None:
+        if not stat.S_ISDIR(entry.st_mode):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=dir_fd)
+
+    def leave(parent_fd: int, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.rmdir(name, dir_fd=parent_fd)
+
+    try:
+        walk_tree(path, visit, leave)
+        os.rmdir(path)
     except FileNotFoundError:
         pass
 
@@ -56,18 +138,18 @@ def tree_usage(path: Path) -> tuple[int, int]:
     """Bytes (allocated blocks) and inodes used below ``path``, hardlinks counted once."""
     seen: set[tuple[int, int]] = set()
     used = inodes = 0
-    for dirpath, dirnames, filenames in os.walk(path):
-        for name in (*dirnames, *filenames):
-            try:
-                st = os.lstat(os.path.join(dirpath, name))
-            except FileNotFoundError:
-                continue
-            key = (st.st_dev, st.st_ino)
-            if key in seen:
-                continue
-            seen.add(key)
-            inodes += 1
-            used += st.st_blocks * 512
+
+    def visit(dir_fd: int, name: str, st: os.stat_result) -> None:
+        nonlocal used, inodes
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            return
+        seen.add(key)
+        inodes += 1
+        used += st.st_blocks * 512
+
+    with contextlib.suppress(FileNotFoundError):
+        walk_tree(path, visit)
     return used, inodes
 
 
@@ -84,3 +166,49 @@ class FsUsage:
 def dir_usage(path: Path) -> FsUsage:
     used, inodes = tree_usage(path)
     return FsUsage(str(path), used, inodes, time.time_ns())
+
+
+def prepare_beneath(root: Path, relative: str, dir_mode: int = 0o755) -> Path:
+    """Make the parent directories of ``root/relative`` without following any symlink below
+    ``root``, and make sure no symlink sits at ``relative`` itself; returns the full path.
+
+    ``root`` itself is trusted (it may be, or pass through, a symlink the administrator
+    made) and is created if missing. ``relative`` must be relative and free of ``..``. Each
+    step below ``root`` is an ``openat`` with ``O_NOFOLLOW`` relative to the directory
+    reached so far, so a symlink planted there is found, never followed: it raises
+    ``OSError(ELOOP)`` naming it. Blocking: call off the event loop.
+    """
+    parts = [p for p in relative.split("/") if p not in ("", ".")]
+    if relative.startswith("/") or ".." in parts or not parts:
+        raise ValueError(f"{relative!r} is not a relative path below {root}")
+    root.mkdir(parents=True, exist_ok=True)
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        walked = ""
+        for name in parts[:-1]:
+            walked = f"{walked}/{name}" if walked else name
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(name, dir_mode, dir_fd=fd)
+            try:
+                nxt = os.open(name, flags, dir_fd=fd)
+            except OSError as e:
+                if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+                    raise
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                if stat.S_ISLNK(st.st_mode):
+                    raise OSError(errno.ELOOP, f"{walked!r} below {root} is a symlink") from None
+                raise OSError(errno.ENOTDIR, f"{walked!r} below {root} is not a directory"
+                              ) from None
+            os.close(fd)
+            fd = nxt
+        try:
+            st = os.stat(parts[-1], dir_fd=fd, follow_symlinks=False)
+        except FileNotFoundError:
+            pass
+        else:
+            if stat.S_ISLNK(st.st_mode):
+                raise OSError(errno.ELOOP, f"{relative!r} below {root} is a symlink")
+    finally:
+        os.close(fd)
+    return root.joinpath(*parts)

@@ -29,12 +29,13 @@ from types import ModuleType
 from typing import Any
 
 from moorage.image.unpack.apply import apply_layer
-from moorage.image.unpack.rules import LayerError
+from moorage.image.unpack.rules import LayerError, LayerLimitError
 from moorage.image.unpack.stream import COMPRESSIONS, Compression, LayerStream, open_source
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # the machine failed; the layer may be fine
 EXIT_REFUSED = 2  # the layer was refused
+EXIT_LIMIT = 3  # the layer passed a configured bound
 
 _PR_SET_PDEATHSIG = 1
 _CLONE_NEWNS = 0x00020000
@@ -58,6 +59,7 @@ class _Args(argparse.Namespace):
     dest: str
     compression: Compression
     max_size: int | None
+    max_entries: int | None
 
 
 def _parse_args(argv: Sequence[str] | None) -> _Args:
@@ -68,6 +70,7 @@ def _parse_args(argv: Sequence[str] | None) -> _Args:
     parser.add_argument("--dest", required=True, help="existing empty layer directory")
     parser.add_argument("--compression", required=True, choices=COMPRESSIONS)
     parser.add_argument("--max-size", type=int, default=None, help="uncompressed bytes at most")
+    parser.add_argument("--max-entries", type=int, default=None, help="tar entries at most")
     return parser.parse_args(argv, namespace=_Args())
 
 
@@ -138,7 +141,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         layer = LayerStream(open_source(raw, args.compression), args.compression, args.max_size)
         _check_dest(args.dest)
         _confine(args.dest)
-        entries = apply_layer(layer)
+        entries = apply_layer(layer, args.max_entries)
+    except LayerLimitError as e:
+        _emit({"error": str(e)})
+        return EXIT_LIMIT
     except LayerError as e:
         _emit({"error": str(e)})
         return EXIT_REFUSED

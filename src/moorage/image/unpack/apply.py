@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import stat
 import tarfile
+from pathlib import Path
 from typing import Self, cast
 
 from moorage.image.unpack.rules import (
     OVERLAY_OPAQUE_XATTR,
     LayerError,
+    LayerLimitError,
     Whiteout,
     check_id,
     clean_path,
@@ -30,6 +31,7 @@ from moorage.image.unpack.rules import (
     xattrs_of,
 )
 from moorage.image.unpack.stream import LayerStream, Readable
+from moorage.util.fs import remove_tree
 
 #: Bytes tarfile asks of the layer stream at a time (it copies its buffer on every read, so
 #: bigger is not better).
@@ -94,9 +96,12 @@ class _StrictTarInfo(tarfile.TarInfo):
             raise LayerError(f"corrupt tar header at offset {archive.offset}: {e}") from None
 
 
-def apply_layer(layer: LayerStream) -> int:
-    """Unpack the whole tar stream into the current directory; return the number of entries."""
-    applier = Applier()
+def apply_layer(layer: LayerStream, max_entries: int | None = None) -> int:
+    """Unpack the whole tar stream into the current directory; return the number of entries.
+
+    More than ``max_entries`` entries (when given) is a :class:`LayerLimitError`.
+    """
+    applier = Applier(max_entries)
     try:
         with tarfile.open(
             fileobj=layer,
@@ -125,8 +130,9 @@ def apply_layer(layer: LayerStream) -> int:
 class Applier:
     """Creates entries under the current directory and remembers what it verified."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_entries: int | None = None) -> None:
         self.entries = 0
+        self._max_entries = max_entries
         # Paths known to be real directories (never symlinks) created or checked by us; only
         # our own removals can change that, and they drop what they remove.
         self._dirs: set[str] = {""}
@@ -135,16 +141,22 @@ class Applier:
 
     def apply(self, member: tarfile.TarInfo, archive: tarfile.TarFile) -> None:
         self.entries += 1
+        if self._max_entries is not None and self.entries > self._max_entries:
+            raise LayerLimitError(
+                f"layer has more than {self._max_entries} entries (max_layer_entries)"
+            )
         try:
             self._apply(member, archive)
         except LayerError as e:
-            raise LayerError(f"entry {member.name!r}: {e}") from None
+            raise type(e)(f"entry {_short(member.name)}: {e}") from None
         except OSError as e:
+            # strerror, not str(e): the entry already names the file, and a hostile name
+            # may be thousands of bytes long.
             if e.errno in _MACHINE_ERRNOS:
-                raise OSError(e.errno, f"entry {member.name!r}: {e.strerror}") from None
-            raise LayerError(f"entry {member.name!r}: {e}") from None
+                raise OSError(e.errno, f"entry {_short(member.name)}: {e.strerror}") from None
+            raise LayerError(f"entry {_short(member.name)}: {e.strerror or e}") from None
         except (ValueError, OverflowError) as e:
-            raise LayerError(f"entry {member.name!r}: {e}") from None
+            raise LayerError(f"entry {_short(member.name)}: {e}") from None
 
     def finish(self) -> None:
         for name, ns in self._dir_mtimes.items():
@@ -309,7 +321,7 @@ class Applier:
         if not stat.S_ISDIR(existing.st_mode):
             os.unlink(name)
             return
-        shutil.rmtree(name)
+        remove_tree(Path(name))  # shutil.rmtree recurses: a deep hostile tree would crash it
         inside = name + "/"
         self._dirs = {d for d in self._dirs if d != name and not d.startswith(inside)}
         self._dir_mtimes = {
@@ -340,6 +352,14 @@ class Applier:
                 if e.errno == errno.EPERM and key.startswith("user.") and not member.isreg():
                     continue
                 raise
+
+
+def _short(name: str, keep: int = 120) -> str:
+    """An entry name for a message: quoted, and cut in the middle when it is long."""
+    if len(name) <= keep:
+        return repr(name)
+    half = keep // 2
+    return f"{name[:half]!r}...{name[-half:]!r} ({len(name)} bytes)"
 
 
 def _lstat(path: str) -> os.stat_result | None:

@@ -35,6 +35,10 @@ class LayerError(Exception):
     """The layer breaks a rule (hostile, corrupt or unsupported); the whole unpack fails."""
 
 
+class LayerLimitError(LayerError):
+    """The layer passes a configured bound (uncompressed size, number of entries)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Whiteout:
     """A whiteout entry: ``target`` is the path it deletes, or the directory it makes opaque."""

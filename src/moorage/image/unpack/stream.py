@@ -12,7 +12,7 @@ from typing import Literal, Protocol
 
 import zstandard
 
-from moorage.image.unpack.rules import LayerError
+from moorage.image.unpack.rules import LayerError, LayerLimitError
 
 _GzipFile: type[gzip.GzipFile]
 try:
@@ -138,8 +138,9 @@ class LayerStream:
             self._sha256.update(data)
             self.size += len(data)
             if self._max_size is not None and self.size > self._max_size:
-                raise LayerError(
-                    f"layer is larger than the limit of {self._max_size} uncompressed bytes"
+                raise LayerLimitError(
+                    f"layer is larger than the limit of {self._max_size} uncompressed bytes "
+                    "(max_layer_size)"
                 )
         return data
 
