@@ -47,6 +47,19 @@ def ids_of(request: Message) -> dict[str, str]:
     return out
 
 
+#: Characters of an error message sent back: the message travels in a trailer, which
+#: clients cap (grpc: 8 KiB by default, percent-encoded), and it may quote a huge value.
+MAX_MESSAGE = 512
+
+
+def bounded(message: str) -> str:
+    """``message``, its middle cut when it is longer than :data:`MAX_MESSAGE`."""
+    if len(message) <= MAX_MESSAGE:
+        return message
+    cut = f" ... [{len(message) - MAX_MESSAGE} characters cut] ... "
+    return message[:MAX_MESSAGE * 3 // 4] + cut + message[-(MAX_MESSAGE // 4):]
+
+
 def _code(error: MoorageError) -> grpc.StatusCode:
     try:
         return grpc.StatusCode[error.code]
@@ -78,12 +91,14 @@ async def _call(method: str, request: Message, context: Ctx) -> AsyncIterator[No
     try:
         yield
     except MoorageError as e:
-        _finish(method, ids, start, _code(e), e.message)
-        await context.abort(_code(e), e.message)
+        message = bounded(e.message)
+        _finish(method, ids, start, _code(e), message)
+        await context.abort(_code(e), message)
     except Exception as e:
         _log.exception("cri.internal_error", method=method, **ids)
         _finish(method, ids, start, grpc.StatusCode.INTERNAL, repr(e))
-        await context.abort(grpc.StatusCode.INTERNAL, f"{method}: internal error: {e!r}")
+        await context.abort(grpc.StatusCode.INTERNAL,
+                            bounded(f"{method}: internal error: {e!r}"))
     _finish(method, ids, start, grpc.StatusCode.OK)
 
 

@@ -8,6 +8,7 @@ from moorage.container.model import Container, State
 from moorage.cri.v1 import api_pb2 as pb
 from moorage.errors import FailedPrecondition, InvalidArgument
 from moorage.sandbox.model import State as SandboxState
+from moorage.server.container import exec_cmd
 from moorage.server.rpc import Ctx, unary
 from moorage.streaming import AttachRequest, ExecRequest, PortForwardRequest, StreamingServer
 
@@ -33,12 +34,11 @@ class StreamingRpcs:
 
     @unary
     async def Exec(self, request: pb.ExecRequest, context: Ctx) -> pb.ExecResponse:
-        if not request.cmd:
-            raise InvalidArgument("cmd is required")
+        cmd = exec_cmd(request.cmd)
         _streams(request.tty, request.stdin, request.stdout, request.stderr)
         c = self._running(request.container_id)
         url = self.streaming.get_exec(ExecRequest(
-            container_id=c.id, cmd=tuple(request.cmd), tty=request.tty, stdin=request.stdin,
+            container_id=c.id, cmd=tuple(cmd), tty=request.tty, stdin=request.stdin,
             stdout=request.stdout, stderr=request.stderr))
         return pb.ExecResponse(url=url)
 
