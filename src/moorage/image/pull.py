@@ -4,7 +4,9 @@
   layer share its download and unpack.
 - Layers already unpacked (matched by the diff_id the image config names) are not fetched.
 - Distinct layers download in parallel, bounded by ``max_concurrent_downloads`` over
-  all pulls; unpacks run in helper processes, bounded by the CPU count.
+  all pulls. A fresh download streams into its unpack helper as it arrives (the layer
+  counts only once the blob's digest checked and the helper succeeded); a download that
+  resumes an earlier attempt is unpacked afterwards, helpers bounded by the CPU count.
 - A pull runs as its own task: a caller that goes away (kubelet cancels the RPC) does not
   cut it short, and the image appears only when every layer is in place.
 """
@@ -12,10 +14,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import hashlib
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Generic, TypeVar
 
 from moorage import log, metrics
@@ -34,7 +39,13 @@ from moorage.image.credentials import Credentials
 from moorage.image.reference import Reference
 from moorage.image.registry import RegistryClient, check_digest
 from moorage.image.store import Image, ImageStore, LayerInfo, layer_usage
-from moorage.image.unpacker import compression_for_media_type, unpack_layer
+from moorage.image.unpacker import (
+    Compression,
+    Unpacker,
+    UnpackResult,
+    compression_for_media_type,
+    unpack_layer,
+)
 from moorage.util.fs import remove_tree
 
 _log = log.get("moorage.image")
@@ -257,42 +268,128 @@ class Puller:
             if self.store.has_layer(diff_id):
                 return
             partial = self.store.ingest / f"{layer.digest.split(':', 1)[1]}.partial"
-            for attempt in range(1, _RETRIES + 1):
-                try:
-                    async with self._downloads:
-                        await self.client.fetch_blob(
-                            source.endpoint, source.reference.path, layer.digest, layer.size,
-                            creds, partial,
-                        )
-                    break
-                except (Unavailable, DataLoss) as e:
-                    if attempt == _RETRIES or "corrupt" in e.message:
-                        if isinstance(e, DataLoss):
-                            # The registry sent a wrong or cut body every time: keep nothing.
-                            # (A stalled or unreachable registry keeps the partial download,
-                            # which the next pull resumes.)
-                            await asyncio.to_thread(partial.unlink, missing_ok=True)
-                        raise
-                    _log.info("image.layer_retry", digest=layer.digest, error=e.message)
+            compression = compression_for_media_type(layer.media_type)
+            streamed: tuple[Path, UnpackResult] | None = None
+            tmp: Path | None = None
+            downloaded = False  # from then on the blob in ``partial`` is of no more use
             try:
-                tmp = self.store.new_layer_tmp(diff_id)
-                async with self._unpacks:
-                    result = await unpack_layer(
-                        partial, tmp, compression_for_media_type(layer.media_type),
-                        max_size=self._max_layer, max_entries=self._max_entries,
-                        name=layer.digest,
-                    )
-                    if result.diff_id != diff_id:
-                        raise DataLoss(
-                            f"layer {layer.digest} unpacks to diff_id {result.diff_id}, but "
-                            f"the image config says {diff_id}"
+                for attempt in range(1, _RETRIES + 1):
+                    try:
+                        async with self._downloads:
+                            # A fresh download is unpacked while it arrives; one that
+                            # resumes an earlier attempt's bytes is unpacked afterwards.
+                            if await asyncio.to_thread(_is_empty, partial):
+                                streamed = await self._fetch_streamed(
+                                    source, layer, creds, partial, diff_id, compression)
+                            else:
+                                await self.client.fetch_blob(
+                                    source.endpoint, source.reference.path, layer.digest,
+                                    layer.size, creds, partial,
+                                )
+                        downloaded = True
+                        break
+                    except (Unavailable, DataLoss) as e:
+                        if attempt == _RETRIES or "corrupt" in e.message:
+                            if isinstance(e, DataLoss):
+                                # The registry sent a wrong or cut body every time: keep
+                                # nothing. (A stalled or unreachable registry keeps the
+                                # partial download, which the next pull resumes.)
+                                await asyncio.to_thread(partial.unlink, missing_ok=True)
+                            raise
+                        _log.info("image.layer_retry", digest=layer.digest, error=e.message)
+                if streamed is not None:
+                    tmp, result = streamed
+                else:
+                    tmp = self.store.new_layer_tmp(diff_id)
+                    async with self._unpacks:
+                        result = await unpack_layer(
+                            partial, tmp, compression, max_size=self._max_layer,
+                            max_entries=self._max_entries, name=layer.digest,
                         )
-                    used, inodes = await asyncio.to_thread(layer_usage, tmp)
+                if result.diff_id != diff_id:
+                    raise DataLoss(
+                        f"layer {layer.digest} unpacks to diff_id {result.diff_id}, but "
+                        f"the image config says {diff_id}"
+                    )
+                used, inodes = await asyncio.to_thread(layer_usage, tmp)
                 await self.store.add_layer(tmp, LayerInfo(diff_id, result.size, used, inodes))
             except BaseException:
-                await asyncio.to_thread(remove_tree, tmp)
+                if tmp is not None:
+                    await asyncio.to_thread(remove_tree, tmp)
                 raise
             finally:
-                partial.unlink(missing_ok=True)
+                if downloaded:
+                    partial.unlink(missing_ok=True)
 
         await self._layers.run(diff_id, fetch_and_unpack)
+
+    async def _fetch_streamed(
+        self,
+        source: registries.PullSource,
+        layer: mf.Descriptor,
+        creds: Credentials | None,
+        partial: Path,
+        diff_id: str,
+        compression: Compression,
+    ) -> tuple[Path, UnpackResult]:
+        """Download a layer into ``partial`` from scratch while a helper unpacks it into a
+        new temporary layer directory; returns that directory and the helper's answer.
+
+        Both must hold before the layer counts: the download's digest check (a mismatch
+        raises DataLoss, whatever the helper said) and the helper's success. On any error
+        the helper is killed and reaped and the directory removed; ``partial`` keeps what
+        arrived if the download failed (for a retry to resume), and is removed once the
+        download succeeded.
+        """
+        tmp = self.store.new_layer_tmp(diff_id)
+        read_fd, write_fd = os.pipe()  # both close-on-exec; the helper gets read_fd as stdin
+        helper: Unpacker | None = None
+        try:
+            try:
+                _widen_pipe(write_fd)
+                helper = await Unpacker.start(
+                    read_fd, tmp, compression, max_size=self._max_layer,
+                    max_entries=self._max_entries, name=layer.digest,
+                )
+            finally:
+                os.close(read_fd)
+        except BaseException:
+            os.close(write_fd)
+            await asyncio.to_thread(remove_tree, tmp)
+            raise
+        try:
+            # fetch_blob closes write_fd after the last byte: the helper then sees the end.
+            await self.client.fetch_blob(
+                source.endpoint, source.reference.path, layer.digest, layer.size, creds,
+                partial, tee_fd=write_fd,
+            )
+            try:
+                return tmp, await helper.result()
+            finally:
+                # The blob was unpacked (or refused). A syscall: no thread, whose
+                # cancellation would skip it.
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(partial)
+        except BaseException:
+            await helper.kill()
+            await asyncio.to_thread(remove_tree, tmp)
+            raise
+
+
+def _is_empty(path: Path) -> bool:
+    """No bytes of an earlier download to resume at ``path``."""
+    try:
+        return os.stat(path).st_size == 0
+    except FileNotFoundError:
+        return True
+
+
+#: Pipe buffer asked for between a download and its unpack helper (Linux allows up to
+#: /proc/sys/fs/pipe-max-size, 1 MiB by default, to an unprivileged process).
+_PIPE_SIZE = 1 << 20
+
+
+def _widen_pipe(fd: int) -> None:
+    """Fewer wake-ups of the helper and the download's thread: a bigger pipe buffer."""
+    with contextlib.suppress(OSError):  # a smaller pipe-max-size: keep the default
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)

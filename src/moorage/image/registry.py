@@ -17,9 +17,10 @@ import re
 import ssl
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import aiohttp
 
@@ -128,6 +129,9 @@ class RegistryClient:
                 auto_decompress=False,
                 headers={"User-Agent": f"moorage/{__version__}"},
                 connector=aiohttp.TCPConnector(limit_per_host=8, use_dns_cache=True),
+                # Let a blob body gather up to CHUNK bytes while the loop is busy, so it is
+                # read (and handed to the blob's thread) in few, large pieces.
+                read_bufsize=CHUNK,
             )
         return self._session
 
@@ -399,54 +403,159 @@ class RegistryClient:
         creds: Credentials | None,
         partial: Path,
         progress: Callable[[int], None] | None = None,
+        tee_fd: int | None = None,
     ) -> None:
         """Download a blob into ``partial``, resuming what an earlier attempt left there.
 
         On return ``partial`` holds exactly the blob, its digest checked; on a digest or size
         mismatch the partial file is removed so the next attempt starts over.
+
+        With ``tee_fd`` (the write end of a pipe, blocking) the download starts from scratch
+        and every byte is also written to ``tee_fd`` in order, as it arrives: a reader there
+        (the unpack helper) works while the blob downloads. The reader must wait for this
+        call's verdict before it trusts what it read. A reader that goes away (EPIPE) ends
+        the copy, not the download. ``tee_fd`` is closed here, in every case, after the
+        last byte written to it (the reader sees its end).
+
+        Writing, hashing and the copy run in a thread of their own, one chunk behind the
+        socket: the event loop only moves buffers.
         """
         hasher = hashlib.sha256()
-        have = await asyncio.to_thread(_hash_existing, partial, hasher, size)
-        headers = {"Range": f"bytes={have}-"} if have else {}
-        resp = await self._request(endpoint, repository, f"blobs/{digest}", creds, headers)
-        async with resp:
-            self._check_blob_status(resp, endpoint, repository, digest)
-            if have and resp.status != 206:
-                # The registry ignored the Range: start from scratch.
-                hasher = hashlib.sha256()
-                have = 0
-            f = await asyncio.to_thread(open, partial, "ab" if have else "wb")
-            try:
-                written = have
-                try:
-                    async for chunk in resp.content.iter_chunked(CHUNK):
-                        written += len(chunk)
-                        if written > size:
-                            break
-                        hasher.update(chunk)
-                        await asyncio.to_thread(f.write, chunk)
-                        if progress is not None:
-                            progress(len(chunk))
-                except TimeoutError as e:
-                    raise DeadlineExceeded(
-                        f"blob {digest}: no progress from {endpoint.location} for "
-                        f"{self._stall:.0f}s (pull_progress_timeout)"
-                    ) from e
-                except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as e:
-                    raise DataLoss(f"blob {digest}: transfer cut short: {e}") from e
-            finally:
-                await asyncio.to_thread(f.close)
-        if written != size or "sha256:" + hasher.hexdigest() != digest:
+        sink: _BlobSink | None = None
+        try:
+            have = 0 if tee_fd is not None else await asyncio.to_thread(
+                _hash_existing, partial, hasher, size)
+            headers = {"Range": f"bytes={have}-"} if have else {}
+            resp = await self._request(endpoint, repository, f"blobs/{digest}", creds, headers)
+            async with resp:
+                self._check_blob_status(resp, endpoint, repository, digest)
+                if have and resp.status != 206:
+                    # The registry ignored the Range: start from scratch.
+                    hasher = hashlib.sha256()
+                    have = 0
+                sink = await _BlobSink.open(partial, hasher, append=bool(have), tee_fd=tee_fd)
+                written = await self._receive(resp, sink, digest, size, have, endpoint,
+                                              progress)
+        finally:
+            if sink is None and tee_fd is not None:
+                os.close(tee_fd)
+        actual = "sha256:" + hasher.hexdigest()
+        if written != size or actual != digest:
             await asyncio.to_thread(partial.unlink, missing_ok=True)
             if written != size:
                 raise DataLoss(
                     f"blob {digest}: got {written} bytes, the manifest says {size}; "
                     "the blob is corrupt or truncated"
                 )
-            raise DataLoss(
-                f"blob {digest}: content has digest sha256:{hasher.hexdigest()}; "
-                "the blob is corrupt"
-            )
+            raise DataLoss(f"blob {digest}: content has digest {actual}; the blob is corrupt")
+
+    async def _receive(
+        self,
+        resp: aiohttp.ClientResponse,
+        sink: _BlobSink,
+        digest: str,
+        size: int,
+        have: int,
+        endpoint: Endpoint,
+        progress: Callable[[int], None] | None,
+    ) -> int:
+        """Move the body into ``sink`` (closed on return); the blob's length so far, which
+        passes ``size`` by at most one chunk (not stored)."""
+        written = have
+        try:
+            async for chunk in resp.content.iter_chunked(CHUNK):
+                written += len(chunk)
+                if written > size:
+                    break
+                await sink.write(chunk)
+                if progress is not None:
+                    progress(len(chunk))
+        except TimeoutError as e:
+            raise DeadlineExceeded(
+                f"blob {digest}: no progress from {endpoint.location} for "
+                f"{self._stall:.0f}s (pull_progress_timeout)"
+            ) from e
+        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as e:
+            raise DataLoss(f"blob {digest}: transfer cut short: {e}") from e
+        finally:
+            await sink.close()
+        return written
+
+
+class _BlobSink:
+    """Writes a downloading blob to its file, hashes it and copies it to an optional pipe,
+    in a thread of its own so the event loop never hashes or blocks on a file or a pipe.
+
+    One chunk is in the thread while the loop reads the next from the socket; chunks are
+    handled in order. A thread of its own rather than the loop's default executor: a copy
+    into a slow reader's pipe blocks, and must not take a thread other work needs.
+    """
+
+    def __init__(self, file: BinaryIO, hasher: Any, tee_fd: int | None) -> None:
+        self._file = file
+        self._hasher = hasher
+        self._tee_fd = tee_fd
+        self._tee_owned = tee_fd  # closed after the last chunk, in the thread
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="moorage-blob")
+        self._pending: asyncio.Future[None] | None = None
+
+    @classmethod
+    async def open(
+        cls, path: Path, hasher: Any, *, append: bool, tee_fd: int | None
+    ) -> _BlobSink:
+        file = await asyncio.to_thread(open, path, "ab" if append else "wb")
+        return cls(file, hasher, tee_fd)
+
+    async def write(self, chunk: bytes) -> None:
+        """Queue ``chunk``; waits for the one before (and raises its error, if any)."""
+        if self._pending is not None:
+            await self._pending
+        self._pending = asyncio.get_running_loop().run_in_executor(
+            self._executor, self._store, chunk)
+
+    async def close(self) -> None:
+        """Finish the queued chunk, then close the file (and the tee) and end the thread.
+
+        Cancelled meanwhile, the thread still closes the file after its chunk.
+        """
+        loop = asyncio.get_running_loop()
+        last = loop.run_in_executor(self._executor, self._close_files)
+        self._executor.shutdown(wait=False)
+        pending, self._pending = self._pending, None
+        try:
+            if pending is not None:
+                await asyncio.shield(pending)
+        finally:
+            if pending is not None and not pending.done():
+                # Cancelled: still retrieve the chunk's outcome, so none is left unseen.
+                pending.add_done_callback(_ignore_result)
+            await asyncio.shield(last)
+
+    def _close_files(self) -> None:
+        try:
+            self._file.close()
+        finally:
+            if self._tee_owned is not None:
+                os.close(self._tee_owned)
+                self._tee_owned = None
+
+    def _store(self, chunk: bytes) -> None:
+        self._file.write(chunk)
+        # hashlib releases the GIL for buffers this large.
+        self._hasher.update(chunk)
+        if self._tee_fd is None:
+            return
+        view = memoryview(chunk)
+        try:
+            while view:
+                view = view[os.write(self._tee_fd, view) :]
+        except BrokenPipeError:
+            self._tee_fd = None  # the reader is gone: its own answer will say why
+
+
+def _ignore_result(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 async def _read_bounded(

@@ -1,8 +1,10 @@
 """Unpack a layer blob into a directory, through the chrooted helper program.
 
-The daemon never parses a layer itself: :func:`unpack_layer` fork+execs
-``python -m moorage.image.unpack`` (see that package) with the blob as its stdin, and turns its
-one-line JSON answer into an :class:`UnpackResult` or an :class:`UnpackError`.
+The daemon never parses a layer itself: :class:`Unpacker` fork+execs
+``python -m moorage.image.unpack`` (see that package) with the compressed layer as its stdin
+(a blob file, or a pipe the layer is written into as it downloads), and turns its one-line
+JSON answer into an :class:`UnpackResult` or an :class:`UnpackError`. :func:`unpack_layer`
+does it for a blob file.
 """
 
 from __future__ import annotations
@@ -90,73 +92,123 @@ async def unpack_layer(
     ``dest`` keeps whatever was written: unpack into a temporary directory and remove it.
     If the awaiting task is cancelled, the helper is killed and reaped before this returns.
     """
+    _check_args(compression, max_size, max_entries)
+    # A few syscalls: not worth a thread (whose cancellation would leak the fd).
+    blob_fd = _open_blob(blob)
+    try:
+        helper = await Unpacker.start(
+            blob_fd, dest, compression, max_size=max_size, max_entries=max_entries,
+            name=name or blob.name,
+        )
+    finally:
+        os.close(blob_fd)
+    return await helper.result()
+
+
+class Unpacker:
+    """One running helper, reading the compressed layer from a file or a pipe.
+
+    :meth:`start` forks the helper with ``source_fd`` as its stdin (the caller keeps its
+    own copy of the fd and closes it); :meth:`result` waits for the answer. A layer can so
+    be unpacked while it downloads: give :meth:`start` the read end of a pipe and write the
+    blob into the other end as it arrives. Until :meth:`result` returned, whoever started
+    the helper must end it with :meth:`kill` on every error path.
+    """
+
+    def __init__(self, proc: asyncio.subprocess.Process, name: str) -> None:
+        self._proc = proc
+        self._name = name
+
+    @classmethod
+    async def start(
+        cls,
+        source_fd: int,
+        dest: Path,
+        compression: Compression,
+        *,
+        max_size: int | None = None,
+        max_entries: int | None = None,
+        name: str,
+    ) -> Unpacker:
+        """Start unpacking what ``source_fd`` reads into ``dest`` (created if missing; it
+        must be empty). Errors name the layer ``name``."""
+        _check_args(compression, max_size, max_entries)
+        dest = _empty_dest(dest)
+        argv = [
+            sys.executable,
+            "-P",  # never import from the daemon's working directory
+            "-m",
+            HELPER_MODULE,
+            "--dest",
+            str(dest),
+            "--compression",
+            compression,
+        ]
+        if max_size is not None:
+            argv += ["--max-size", str(max_size)]
+        if max_entries is not None:
+            argv += ["--max-entries", str(max_entries)]
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=source_fd,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            cwd="/",
+            env=helper_env(),
+        )
+        return cls(proc, name)
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    async def result(self) -> UnpackResult:
+        """The helper's answer: an :class:`UnpackResult`, or :class:`UnpackError` /
+        :class:`LayerTooLarge`. If the awaiting task is cancelled, the helper is killed
+        and reaped before this returns."""
+        try:
+            stdout, stderr = await self._proc.communicate()
+        except BaseException:  # cancelled (or the pipes failed): the helper must not run on
+            await self.kill()
+            raise
+        return _parse_answer(self._name, self._proc.returncode, stdout, stderr)
+
+    async def kill(self) -> None:
+        """Kill the helper (if it still runs) and reap it; idempotent."""
+        proc = self._proc
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):  # it may have just exited
+                proc.kill()
+        # A second cancellation while reaping still leaves the helper killed.
+        await proc.wait()
+
+
+def _check_args(compression: str, max_size: int | None, max_entries: int | None) -> None:
     if compression not in ("gzip", "zstd", "none"):
         raise InvalidArgument(f"unknown layer compression {compression!r}")
     if max_size is not None and max_size < 0:
         raise InvalidArgument(f"max_size must not be negative, got {max_size}")
     if max_entries is not None and max_entries < 0:
         raise InvalidArgument(f"max_entries must not be negative, got {max_entries}")
-    # A few syscalls: not worth a thread (whose cancellation would leak the fd).
-    blob_fd, dest = _prepare(blob, dest)
-    argv = [
-        sys.executable,
-        "-P",  # never import from the daemon's working directory
-        "-m",
-        HELPER_MODULE,
-        "--dest",
-        str(dest),
-        "--compression",
-        compression,
-    ]
-    if max_size is not None:
-        argv += ["--max-size", str(max_size)]
-    if max_entries is not None:
-        argv += ["--max-entries", str(max_entries)]
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=blob_fd,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            cwd="/",
-            env=helper_env(),
-        )
-    finally:
-        os.close(blob_fd)
-    try:
-        stdout, stderr = await proc.communicate()
-    except BaseException:  # cancelled (or the pipes failed): the helper must not run on
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):  # it may have just exited
-                proc.kill()
-            # A second cancellation while reaping still leaves the helper killed.
-            await proc.wait()
-        raise
-    return _parse_answer(name or blob.name, proc.returncode, stdout, stderr)
 
 
-def _prepare(blob: Path, dest: Path) -> tuple[int, Path]:
-    """Open the blob (its fd becomes the helper's stdin); make sure ``dest`` is empty.
-
-    Returns the fd and ``dest`` made absolute.
-    """
-    dest = dest.absolute()
+def _open_blob(blob: Path) -> int:
     try:
-        fd = os.open(blob, os.O_RDONLY | os.O_CLOEXEC)
+        return os.open(blob, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
         raise UnpackError(f"cannot open layer blob {blob}: {e.strerror}") from None
+
+
+def _empty_dest(dest: Path) -> Path:
+    """``dest`` made absolute, created if missing; refused unless empty."""
+    dest = dest.absolute()
     try:
         dest.mkdir(parents=True, exist_ok=True)
         if any(dest.iterdir()):
             raise UnpackError(f"layer directory {dest} is not empty")
     except OSError as e:
-        os.close(fd)
         raise UnpackError(f"cannot use layer directory {dest}: {e.strerror}") from None
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd, dest
-
+    return dest
 
 
 def _parse_answer(name: str, returncode: int | None, stdout: bytes, stderr: bytes) -> UnpackResult:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from typing import NamedTuple
 
 WHITEOUT_PREFIX = ".wh."
 #: Names starting with this are whiteout metadata (AUFS hardlink dirs and the like).
@@ -39,8 +39,7 @@ class LayerLimitError(LayerError):
     """The layer passes a configured bound (uncompressed size, number of entries)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Whiteout:
+class Whiteout(NamedTuple):
     """A whiteout entry: ``target`` is the path it deletes, or the directory it makes opaque."""
 
     target: str

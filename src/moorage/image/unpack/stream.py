@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-from typing import Literal, Protocol
-
-import zstandard
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from moorage.image.unpack.rules import LayerError, LayerLimitError
+
+if TYPE_CHECKING:
+    import zstandard
 
 _GzipFile: type[gzip.GzipFile]
 try:
@@ -49,8 +50,12 @@ class ZstdReader:
     """
 
     def __init__(self, raw: Readable) -> None:
+        # Imported here, not for every gzip layer (the helper imports everything it needs
+        # before it chroots, so this runs before the chroot too).
+        import zstandard
+
         self._raw = raw
-        self._dctx = zstandard.ZstdDecompressor()
+        self._dctx: zstandard.ZstdDecompressor = zstandard.ZstdDecompressor()
         self._frame = self._dctx.decompressobj()
         self._in_frame = False  # the current frame has been fed bytes and is not finished
         self._pending = memoryview(b"")  # compressed bytes not yet fed
