@@ -30,3 +30,29 @@ def test_load_all_reports_broken_records(tmp_path: Path) -> None:
     got = dict(records.load_all(tmp_path, "image"))
     assert got[tmp_path / "good.json"] == {"id": 1}
     assert isinstance(got[tmp_path / "bad.json"], records.RecordError)
+
+
+def test_writer_encodes_when_run(tmp_path: Path) -> None:
+    path = tmp_path / "x.json"
+    data = {"n": 1}
+    run = records.writer(path, "image", lambda: dict(data))
+    assert not path.exists()  # nothing happens until it runs (in a worker thread)
+    data["n"] = 2
+    run()
+    assert records.read(path, "image") == {"n": 2}
+
+
+def test_later_writer_wins_whatever_the_order(tmp_path: Path) -> None:
+    path = tmp_path / "x.json"
+    older = records.writer(path, "image", lambda: {"n": 1})
+    newer = records.writer(path, "image", lambda: {"n": 2})
+    newer()
+    older()  # its thread finished last: the record taken later stays
+    assert records.read(path, "image") == {"n": 2}
+    # other paths are independent, and a writer made afterwards writes again
+    other = tmp_path / "y.json"
+    records.writer(other, "image", lambda: {"n": 3})()
+    records.writer(path, "image", lambda: {"n": 4})()
+    assert records.read(other, "image") == {"n": 3}
+    assert records.read(path, "image") == {"n": 4}
+    assert not records._in_flight  # nothing is kept once every writer has run

@@ -1,7 +1,7 @@
 """Running one CNI plugin: its stdin, its environment, the exec itself.
 
-Plugins are exec'd with ``asyncio.create_subprocess_exec`` in a new session (never
-``preexec_fn``: the daemon runs grpc threads), so a plugin that overruns its timeout is
+Plugins are exec'd with ``moorage.util.proc.spawn`` (off the event loop) in a new session
+(never ``preexec_fn``: the daemon runs grpc threads), so a plugin that overruns its timeout is
 killed together with any helper it started (an IPAM plugin, iptables).
 """
 
@@ -21,6 +21,7 @@ from moorage import log
 from moorage.network.config import NetworkConfigList
 from moorage.network.result import parse_error
 from moorage.network.types import Bandwidth, CNIError, PortMapping
+from moorage.util.proc import PIPE, Process, spawn
 
 _log = log.get("moorage.network")
 
@@ -130,7 +131,7 @@ def plugin_env(command: str, inv: Invocation, plugin_dirs: Sequence[Path]) -> di
     return env
 
 
-def _kill_group(proc: asyncio.subprocess.Process) -> None:
+def _kill_group(proc: Process) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
     with contextlib.suppress(ProcessLookupError):
@@ -150,11 +151,11 @@ async def exec_plugin(
     plugin = path.name
     where = f'CNI plugin "{plugin}" {command} (network "{network}", container {inv.container_id})'
     try:
-        proc = await asyncio.create_subprocess_exec(
-            str(path),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
+        proc = await spawn(
+            [str(path)],
+            stdin=PIPE,
+            stdout=PIPE,
+            stderr=PIPE,
             env=plugin_env(command, inv, plugin_dirs),
             start_new_session=True,
         )

@@ -1,8 +1,9 @@
 """A runtime handler: the adapter around runc, crun or any OCI runtime command line.
 
-Every call is one ``asyncio.create_subprocess_exec`` of ``<binary> --root <root> <command>``
-(never ``preexec_fn``: the daemon runs grpc threads), in its own session so that a timeout
-can kill the runtime and every helper it started as one process group.
+Every call is one spawn of ``<binary> --root <root> <command>`` (``moorage.util.proc``:
+fork and exec in a worker thread, never on the event loop; never ``preexec_fn``: the daemon
+runs grpc threads), in its own session so that a timeout can kill the runtime and every
+helper it started as one process group.
 
 Control commands (start, kill, delete, state, update, pause, resume, ...) are bounded by
 ``command_timeout`` (60 s by default); when it passes, the process group is killed and
@@ -33,6 +34,7 @@ from typing import Any
 
 from moorage import log
 from moorage.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
+from moorage.util.proc import DEVNULL, PIPE, Process, spawn
 
 _log = log.get("moorage.oci")
 
@@ -240,11 +242,11 @@ class OciRuntime:
         argv = self.argv(*args) if global_args else [self.binary_path(), *args]
         limit = self.command_timeout if timeout is None else timeout
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
+            proc = await spawn(
+                argv,
+                stdin=PIPE if stdin is not None else DEVNULL,
+                stdout=PIPE,
+                stderr=PIPE,
                 start_new_session=True,
             )
         except OSError as e:
@@ -480,9 +482,9 @@ class OciRuntime:
             r_err, w_err = os.pipe2(os.O_CLOEXEC)
             fds += [r_err, w_err]
             try:
-                proc = await asyncio.create_subprocess_exec(
-                    *argv,
-                    stdin=asyncio.subprocess.DEVNULL,
+                proc = await spawn(
+                    argv,
+                    stdin=DEVNULL,
                     stdout=w_out,
                     stderr=w_err,
                     start_new_session=True,
@@ -597,7 +599,7 @@ def _factory(sink: _CappedSink) -> Callable[[], _CappedSink]:
     return lambda: sink
 
 
-async def _kill_group_and_wait(proc: asyncio.subprocess.Process) -> None:
+async def _kill_group_and_wait(proc: Process) -> None:
     if proc.returncode is None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
@@ -645,7 +647,7 @@ def _stat_fields(pid: int) -> tuple[str, int, int] | None:
         return None
 
 
-async def _kill_exec(proc: asyncio.subprocess.Process) -> None:
+async def _kill_exec(proc: Process) -> None:
     """Kill an exec: the command in the container (and its process group), then the runtime."""
     if proc.returncode is None:
         runtime_pid = proc.pid

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -21,6 +22,7 @@ from moorage.container.model import (
 )
 from moorage.cri.v1 import api_pb2 as pb
 from moorage.errors import InvalidArgument
+from moorage.server.msgcache import MessageCache
 from moorage.server.rpc import Ctx, stream, unary
 from moorage.server.sandbox import (
     ids_from_proto,
@@ -146,6 +148,18 @@ def to_container(c: Container) -> pb.Container:
     )
 
 
+def _fingerprint(c: Container) -> tuple[Any, ...]:
+    """Every value :func:`to_container` reads (spec and image are frozen: replaced when
+    they change, never modified)."""
+    return (c.id, c.sandbox_id, c.state, c.created_at, c.spec, c.image)
+
+
+def _list_response(items: list[pb.Container]) -> pb.ListContainersResponse:
+    response = pb.ListContainersResponse()
+    response.containers.extend(items)
+    return response
+
+
 def _mounts(c: Container) -> list[pb.Mount]:
     reverse = {v: k for k, v in _PROPAGATION.items()}
     return [pb.Mount(container_path=m.container_path, host_path=m.host_path,
@@ -210,8 +224,13 @@ def _filter(f: pb.ContainerFilter | None) -> ContainerFilter | None:
     if f is None:
         return None
     state = _FROM_STATE.get(f.state.state) if f.HasField("state") else None
-    return ContainerFilter(id=f.id, state=state, sandbox_id=f.pod_sandbox_id,
-                           labels=dict(f.label_selector))
+    flt = ContainerFilter(id=f.id, state=state, sandbox_id=f.pod_sandbox_id,
+                          labels=dict(f.label_selector))
+    # An empty filter (kubelet's relist sends one) selects everything.
+    return None if flt == _NO_FILTER else flt
+
+
+_NO_FILTER = ContainerFilter()
 
 
 def exec_cmd(cmd: Sequence[str]) -> list[str]:
@@ -232,6 +251,11 @@ def _required(value: str, field: str = "container_id") -> str:
 
 class ContainerRpcs:
     containers: ContainerManager
+
+    @functools.cached_property
+    def _container_messages(self) -> MessageCache[Container, pb.Container,
+                                                  pb.ListContainersResponse]:
+        return MessageCache(to_container, _fingerprint, _list_response)
 
     @unary
     async def CreateContainer(self, request: pb.CreateContainerRequest, context: Ctx
@@ -266,14 +290,16 @@ class ContainerRpcs:
     async def ListContainers(self, request: pb.ListContainersRequest, context: Ctx
                              ) -> pb.ListContainersResponse:
         flt = _filter(request.filter if request.HasField("filter") else None)
-        return pb.ListContainersResponse(
-            containers=[to_container(c) for c in self.containers.select(flt)])
+        selected = self.containers.select(flt)
+        if flt is None:  # kubelet's relist: the same response while nothing changed
+            return self._container_messages.listing(selected)
+        return _list_response(self._container_messages.messages(selected))
 
     @stream
     async def StreamContainers(self, request: pb.StreamContainersRequest, context: Ctx
                                ) -> AsyncIterator[pb.StreamContainersResponse]:
         flt = _filter(request.filter if request.HasField("filter") else None)
-        items = [to_container(c) for c in self.containers.select(flt)]
+        items = self._container_messages.messages(self.containers.select(flt))
         for start in range(0, len(items), STREAM_BATCH):
             yield pb.StreamContainersResponse(containers=items[start:start + STREAM_BATCH])
 

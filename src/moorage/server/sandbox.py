@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
@@ -14,6 +15,7 @@ from moorage.sandbox.files import DnsConfig
 from moorage.sandbox.manager import SandboxFilter, SandboxManager
 from moorage.sandbox.model import Mode, Sandbox, SandboxSpec, State, UserNamespace
 from moorage.sandbox.userns import FIELD
+from moorage.server.msgcache import MessageCache
 from moorage.server.rpc import Ctx, stream, unary
 from moorage.util import codec
 from moorage.util.idmap import IdMapping
@@ -141,6 +143,18 @@ def to_pod_sandbox(sb: Sandbox) -> pb.PodSandbox:
     )
 
 
+def _fingerprint(sb: Sandbox) -> tuple[Any, ...]:
+    """Every value :func:`to_pod_sandbox` reads (the spec is frozen: replaced when it
+    changes, never modified)."""
+    return (sb.id, sb.state, sb.created_at, sb.spec, sb.runtime_handler)
+
+
+def _list_response(items: list[pb.PodSandbox]) -> pb.ListPodSandboxResponse:
+    response = pb.ListPodSandboxResponse()
+    response.items.extend(items)
+    return response
+
+
 def to_status(sb: Sandbox) -> pb.PodSandboxStatus:
     s = sb.spec
     ips = sb.ips if sb.state == State.READY else []
@@ -165,11 +179,21 @@ def _filter(flt: pb.PodSandboxFilter | None) -> SandboxFilter | None:
     state = None
     if flt.HasField("state"):
         state = State.READY if flt.state.state == pb.SANDBOX_READY else State.NOTREADY
-    return SandboxFilter(id=flt.id, state=state, labels=dict(flt.label_selector))
+    out = SandboxFilter(id=flt.id, state=state, labels=dict(flt.label_selector))
+    # An empty filter selects everything.
+    return None if out == _NO_FILTER else out
+
+
+_NO_FILTER = SandboxFilter()
 
 
 class SandboxRpcs:
     sandboxes: SandboxManager
+
+    @functools.cached_property
+    def _sandbox_messages(self) -> MessageCache[Sandbox, pb.PodSandbox,
+                                                pb.ListPodSandboxResponse]:
+        return MessageCache(to_pod_sandbox, _fingerprint, _list_response)
 
     def _verbose_info(self, sb: Sandbox) -> dict[str, str]:
         pinned = self.sandboxes.pinned(sb)
@@ -214,14 +238,16 @@ class SandboxRpcs:
     async def ListPodSandbox(self, request: pb.ListPodSandboxRequest, context: Ctx
                              ) -> pb.ListPodSandboxResponse:
         flt = _filter(request.filter if request.HasField("filter") else None)
-        return pb.ListPodSandboxResponse(
-            items=[to_pod_sandbox(sb) for sb in self.sandboxes.select(flt)])
+        selected = self.sandboxes.select(flt)
+        if flt is None:  # kubelet's relist: the same response while nothing changed
+            return self._sandbox_messages.listing(selected)
+        return _list_response(self._sandbox_messages.messages(selected))
 
     @stream
     async def StreamPodSandboxes(self, request: pb.StreamPodSandboxesRequest, context: Ctx
                                  ) -> AsyncIterator[pb.StreamPodSandboxesResponse]:
         flt = _filter(request.filter if request.HasField("filter") else None)
-        items = [to_pod_sandbox(sb) for sb in self.sandboxes.select(flt)]
+        items = self._sandbox_messages.messages(self.sandboxes.select(flt))
         for start in range(0, len(items), STREAM_BATCH):
             yield pb.StreamPodSandboxesResponse(
                 pod_sandboxes=items[start:start + STREAM_BATCH])

@@ -7,8 +7,11 @@ moorage), never silently misread.
 
 from __future__ import annotations
 
+import itertools
 import json
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,45 @@ def write(path: Path, kind: str, data: dict[str, Any]) -> None:
     """Atomically write ``data`` as a record of ``kind`` (blocking: call off the loop)."""
     doc = {"schema": SCHEMA_VERSION, "kind": kind, **data}
     atomic_write(path, json.dumps(doc, indent=1, sort_keys=True).encode() + b"\n")
+
+
+@dataclass
+class _InFlight:
+    count: int = 0  # writers made for the path and not finished
+    written: int = 0  # sequence number of the last one written
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+_sequence = itertools.count(1)
+_in_flight: dict[Path, _InFlight] = {}
+_in_flight_lock = threading.Lock()
+
+
+def writer(path: Path, kind: str, encode: Callable[[], dict[str, Any]]) -> Callable[[], None]:
+    """A blocking function (run it in a worker thread) that writes ``encode()`` as a record
+    of ``kind``: the encoding happens in the thread too, so ``encode`` must work on a
+    snapshot (:func:`moorage.util.codec.snapshot`). Make writers in the order the snapshots
+    are taken (on the event loop): a writer never overwrites the record of a writer of the
+    same path made after it, whichever thread finishes first."""
+    seq = next(_sequence)
+    with _in_flight_lock:
+        flight = _in_flight.setdefault(path, _InFlight())
+        flight.count += 1
+
+    def run() -> None:
+        try:
+            data = encode()
+            with flight.lock:
+                if flight.written < seq:
+                    write(path, kind, data)
+                    flight.written = seq
+        finally:
+            with _in_flight_lock:
+                flight.count -= 1
+                if flight.count == 0 and _in_flight.get(path) is flight:
+                    del _in_flight[path]
+
+    return run
 
 
 def read(path: Path, kind: str) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from collections.abc import AsyncIterator, Sequence
 from moorage import log
 from moorage.oci.runtime import OciRuntime, parse_runc_error
 from moorage.streaming.api import BackendError, Reader, Stdio, TerminalSize, Writer
+from moorage.util.proc import DEVNULL, Process, spawn
 
 _log = log.get("moorage.streaming")
 
@@ -84,7 +85,7 @@ async def run_exec(
             stdin_fd = -1
             for i, want in enumerate((stdio.stdin, stdio.stdout, stdio.stderr)):
                 if want is None:
-                    child_fds.append(asyncio.subprocess.DEVNULL)
+                    child_fds.append(DEVNULL)
                     continue
                 r, w = os.pipe2(os.O_CLOEXEC)
                 mine, child_end = (w, r) if i == 0 else (r, w)
@@ -98,9 +99,8 @@ async def run_exec(
                     outputs.append((mine, stdio.stdout if i == 1 else stdio.stderr))
             child = (child_fds[0], child_fds[1], child_fds[2])
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=child[0], stdout=child[1], stderr=child[2],
-                start_new_session=True)
+            proc = await spawn(argv, stdin=child[0], stdout=child[1], stderr=child[2],
+                               start_new_session=True)
         except OSError as e:
             raise BackendError(f"cannot run {argv[0]}: {e.strerror or e}") from e
         finally:
@@ -117,7 +117,7 @@ async def run_exec(
         await asyncio.to_thread(shutil.rmtree, tmpdir, True)
 
 
-async def _supervise(proc: asyncio.subprocess.Process, pid_file: str, log_file: str,
+async def _supervise(proc: Process, pid_file: str, log_file: str,
                      stdio: Stdio, outputs: list[tuple[int, Writer | None]], stdin_fd: int,
                      fds: _Fds, kill: asyncio.Event | None, drain_grace: float,
                      container_id: str) -> int:
@@ -268,13 +268,13 @@ async def _resize(resizes: AsyncIterator[TerminalSize], master: int, runtime_pid
 # -- killing ---------------------------------------------------------------------------------
 
 
-async def _kill_when(event: asyncio.Event, proc: asyncio.subprocess.Process,
+async def _kill_when(event: asyncio.Event, proc: Process,
                      pid_file: str) -> None:
     await event.wait()
     await _kill(proc, pid_file)
 
 
-async def _kill(proc: asyncio.subprocess.Process, pid_file: str) -> None:
+async def _kill(proc: Process, pid_file: str) -> None:
     """SIGKILL the exec'd command (its process group: runc's init made it a session
     leader), then make sure the runtime is gone too."""
     if proc.returncode is not None:

@@ -8,6 +8,7 @@ a record type needs no hand-written (de)serialiser that could drift from its fie
 from __future__ import annotations
 
 import base64
+import copy as _copy
 import dataclasses
 import enum
 import types
@@ -30,6 +31,34 @@ def to_data(obj: Any) -> Any:
     if isinstance(obj, dict | types.MappingProxyType):
         return {str(k): to_data(v) for k, v in obj.items()}
     return obj
+
+
+def snapshot(obj: T) -> T:
+    """A copy of the dataclass ``obj`` that later changes to ``obj`` cannot reach, cheap
+    enough for the event loop (so that :func:`to_data`, the costly part, can run on it in a
+    worker thread): list, dict and set values are copied (recursively), as are nested
+    mutable dataclasses; frozen dataclasses and other values are shared (never modified in
+    place by convention)."""
+    copy = _copy.copy(obj)
+    for f in dataclasses.fields(obj):  # type: ignore[arg-type]
+        value = getattr(obj, f.name)
+        snap = _snapshot_value(value)
+        if snap is not value:
+            object.__setattr__(copy, f.name, snap)
+    return copy
+
+
+def _snapshot_value(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_snapshot_value(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _snapshot_value(v) for k, v in value.items()}
+    if isinstance(value, set):
+        return set(value)
+    if (dataclasses.is_dataclass(value) and not isinstance(value, type)
+            and not type(value).__dataclass_params__.frozen):  # type: ignore[attr-defined]
+        return snapshot(value)
+    return value
 
 
 def from_data(tp: Any, data: Any) -> Any:
