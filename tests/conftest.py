@@ -95,6 +95,16 @@ def busybox_image() -> Image:
     return Image.busybox()
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _no_leftover_monitor_servers() -> Iterator[None]:
+    """Daemons of module-scoped fixtures and of tests that keep their state outside
+    ``tmp_path`` leave monitor servers too: reap every one the session started."""
+    yield
+    from tests.fixtures.daemon import STARTED_RUNROOTS, kill_monitor_servers
+
+    kill_monitor_servers(STARTED_RUNROOTS)
+
+
 @pytest.fixture(autouse=True)
 def _no_leftover_processes(tmp_path: Path) -> Iterator[None]:
     """Kill what a test's daemons left running in its temp dir: monitor servers and

@@ -111,6 +111,11 @@ class Moorage(Runtime):
         if self.daemon is not None:
             self.daemon.stop(timeout=60)
             self.daemon = None
+        # The monitor server outlives the daemon by design (a restart keeps the
+        # containers); the bench's own has the bench's runroot in its command line.
+        for pid in _pids_with_arg(str(self.base)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def _profiled(d: Daemon, out: Path) -> Daemon:
