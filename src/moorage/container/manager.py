@@ -50,7 +50,12 @@ from moorage.sandbox.model import State as SandboxState
 from moorage.state import records
 from moorage.storage.overlay import ContainerStorage
 from moorage.util import codec, idmap
-from moorage.util.fs import atomic_write, prepare_beneath, remove_tree
+from moorage.util.fs import (
+    atomic_write,
+    discard_tree,
+    empty_trash,
+    prepare_beneath,
+)
 from moorage.util.idmap import MappedUserNamespace
 
 _log = log.get("moorage.container")
@@ -104,6 +109,16 @@ class ContainerManager:
         self._locks: dict[str, asyncio.Lock] = {}
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._exited: dict[str, asyncio.Event] = {}
+        #: Containers whose runtime state and rootfs mount are being (or were) released
+        #: since their exit; the task's result says whether that worked.
+        self._released: dict[str, asyncio.Task[bool]] = {}
+        #: Set while ``runtime start`` of the container runs; done when it has returned.
+        self._starting: dict[str, asyncio.Future[None]] = {}
+        #: Where removed containers' state dirs wait for ``_empty_trash``: next to
+        #: ``paths.run`` (same filesystem), which then holds only live state dirs.
+        self._trash = paths.run.with_name(f"{paths.run.name}-trash")
+        self._trash_dirty = False
+        self._trash_task: asyncio.Task[None] | None = None
         #: Called with (event, container) on created/started/stopped/deleted.
         self.listeners: list[Callable[[str, Container], None]] = []
         sandboxes.on_stop.append(self._on_sandbox_stop)
@@ -159,8 +174,10 @@ class ContainerManager:
         return self._locks.setdefault(container_id, asyncio.Lock())
 
     def _save(self, c: Container) -> Awaitable[None]:
+        # Snapshot here, encode in the thread: changes to c after this call stay out.
+        snap = codec.snapshot(c)
         return asyncio.to_thread(
-            records.write, self.paths.records / f"{c.id}.json", KIND, _record(c)
+            records.writer(self.paths.records / f"{c.id}.json", KIND, lambda: _record(snap))
         )
 
     def _emit(self, event: str, c: Container) -> None:
@@ -245,6 +262,7 @@ class ContainerManager:
 
     async def _build(self, c: Container, key: str, sb: Sandbox) -> Container:
         log_ = _log.bind(container_id=c.id, name=c.spec.name, pod_sandbox_id=sb.id)
+        begun = time.monotonic()
         self._containers[c.id] = c
         self._by_key[key] = c.id
         try:
@@ -257,7 +275,7 @@ class ContainerManager:
                                  error=e.message if isinstance(e, MoorageError) else repr(e))
                     await asyncio.shield(self._destroy(c))
                     raise
-            log_.info("container.created")
+            log_.info("container.created", duration_ms=_ms_since(begun))
             self._emit("created", c)
             return c
         finally:
@@ -265,33 +283,10 @@ class ContainerManager:
 
     async def _create(self, c: Container, sb: Sandbox) -> None:
         state_dir = self.state_dir(c)
-        await asyncio.to_thread(state_dir.mkdir, parents=True, exist_ok=True, mode=0o700)
         c.bundle = str(state_dir)
-        if c.spec.log_path:
-            await asyncio.to_thread(_prepare_log, sb.spec.log_directory, c.spec.log_path)
-        layers = [self.images.layer_path(d) for d in c.image.layers]
         view = self.sandbox_view(sb)
-        with _open_userns(view) as mapped:
-            # With a user namespace: idmapped layers, and the CRI mounts that ask for it
-            # idmapped here (runc 1.1 cannot), handed to the spec without their mappings.
-            rootfs = await asyncio.to_thread(
-                self.storage.create, c.id, layers, volumes=specgen.image_volumes(c.image),
-                userns=mapped,
-            )
-            runtime_spec = await asyncio.to_thread(
-                self._idmapped_mounts, c, view, mapped, state_dir)
-        user = await asyncio.to_thread(specgen.resolve_user, rootfs.merged, c.spec, c.image)
-        c.user = {"uid": user.uid, "gid": user.gid, "additional_gids": list(user.additional_gids),
-                  "username": user.username}
-        doc = await asyncio.to_thread(
-            specgen.build_spec, container_id=c.id, spec=runtime_spec, sandbox=view,
-            image=c.image,
-            rootfs=rootfs.merged, user=user, options=self.spec_options,
-            target_pid_ns=self._target_pid_ns(c.spec),
-        )
-        c.extra["cgroups_path"] = doc.get("linux", {}).get("cgroupsPath", "")
-        await asyncio.to_thread(atomic_write, state_dir / "config.json",
-                                json.dumps(doc).encode(), 0o600)
+        # Everything up to the runtime's own create is blocking file work: one thread hop.
+        await asyncio.to_thread(self._prepare, c, sb, view, self._target_pid_ns(c.spec))
         runtime = self.runtimes[c.runtime_handler]
         created = await self.monitor.create(CreateRequest(
             id=c.id, bundle=str(state_dir), runtime=runtime.binary_path(),
@@ -305,6 +300,35 @@ class ContainerManager:
         c.state = State.CREATED
         await self._save(c)
         self._watch(c)
+
+    def _prepare(self, c: Container, sb: Sandbox, view: SandboxView,
+                 target_pid_ns: str | None) -> None:
+        """The bundle of ``c`` (in a thread): state dir, log dir, writable layer, user,
+        ``config.json``; what it made is recorded on ``c`` or found by ``_destroy``."""
+        state_dir = self.state_dir(c)
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if c.spec.log_path:
+            _prepare_log(sb.spec.log_directory, c.spec.log_path)
+        layers = [self.images.layer_path(d) for d in c.image.layers]
+        with _open_userns(view) as mapped:
+            # With a user namespace: idmapped layers, and the CRI mounts that ask for it
+            # idmapped here (runc 1.1 cannot), handed to the spec without their mappings.
+            rootfs = self.storage.create(
+                c.id, layers, volumes=specgen.image_volumes(c.image), userns=mapped)
+            runtime_spec = self._idmapped_mounts(c, view, mapped, state_dir)
+        user = specgen.resolve_user(rootfs.merged, c.spec, c.image)
+        c.user = {"uid": user.uid, "gid": user.gid, "additional_gids": list(user.additional_gids),
+                  "username": user.username}
+        doc = specgen.build_spec(
+            container_id=c.id, spec=runtime_spec, sandbox=view, image=c.image,
+            rootfs=rootfs.merged, user=user, options=self.spec_options,
+            target_pid_ns=target_pid_ns,
+        )
+        c.extra["cgroups_path"] = doc.get("linux", {}).get("cgroupsPath", "")
+        # Under the runroot: a reboot empties it, and a container whose record is still
+        # "creating" is destroyed at the next start, so no fsync is owed.
+        atomic_write(state_dir / "config.json", json.dumps(doc).encode(), 0o600,
+                     durable=False)
 
     def _idmapped_mounts(self, c: Container, view: SandboxView,
                          mapped: MappedUserNamespace | None, state_dir: Path) -> ContainerSpec:
@@ -401,10 +425,48 @@ class ContainerManager:
             # Exited before it was started (runc create ran the init, start never came).
             c.started_at = 0
         c.state = State.EXITED
+        self._release_soon(c)  # runs while the record is written
         await self._save(c)
         self._exited.setdefault(c.id, asyncio.Event()).set()
         _log.info("container.exited", container_id=c.id, exit_code=c.exit_code, reason=c.reason)
         self._emit("stopped", c)
+
+    def _release_soon(self, c: Container) -> None:
+        if c.id not in self._released and c.id in self._containers:
+            self._released[c.id] = asyncio.get_running_loop().create_task(self._release(c))
+
+    async def _release(self, c: Container) -> bool:
+        """Free what an exited container holds: the runtime's state (and so its cgroup and
+        any process left in it) and the rootfs mount, as containerd does on a task's exit.
+        RemoveContainer then only removes files; it redoes this when it failed (or ran in
+        an earlier life of the daemon): both steps are idempotent."""
+        runtime = self.runtimes.get(c.runtime_handler)
+        starting = self._starting.get(c.id)
+        if starting is not None:
+            await starting
+        try:
+            if runtime is not None:
+                await runtime.delete(c.id, force=True)
+            await asyncio.to_thread(self.storage.unmount, c.id)
+        except MoorageError as e:
+            _log.warning("container.release_failed", container_id=c.id, error=e.message)
+            return False
+        return True
+
+    async def _await_release(self, c: Container) -> bool:
+        """Whether ``c`` was released (waits for a release under way)."""
+        task = self._released.get(c.id)
+        if task is None:
+            return False
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.cancelled():
+                return False
+            raise
+        except Exception:
+            _log.exception("container.release_failed", container_id=c.id)
+            return False
 
     # -- StartContainer / StopContainer --------------------------------------------------
 
@@ -419,6 +481,9 @@ class ContainerManager:
             # The time ``runc start`` is asked: a fast process may exit (and be recorded)
             # before the call returns, and started_at must never come after finished_at.
             begun = time.time_ns()
+            # A release (``runc delete``) must wait until ``runc start`` is done with the
+            # runtime's state, even when the process exited before the call returned.
+            starting = self._starting[c.id] = asyncio.get_running_loop().create_future()
             try:
                 await runtime.start(c.id)
             except MoorageError:
@@ -426,6 +491,9 @@ class ContainerManager:
                 if status is not None:
                     await self._record_exit(c, status)
                 raise
+            finally:
+                del self._starting[c.id]
+                starting.set_result(None)
             c.started_at = begun
             if c.state == State.CREATED:
                 c.state = State.RUNNING
@@ -467,6 +535,8 @@ class ContainerManager:
                 raise FailedPrecondition(
                     f"container {c.id} did not exit {KILL_WAIT:.0f}s after SIGKILL"
                 ) from e
+        # As containerd's StopContainer: the runtime's container is deleted when it returns.
+        await self._await_release(c)
 
     # -- RemoveContainer -----------------------------------------------------------------
 
@@ -484,7 +554,7 @@ class ContainerManager:
     async def _destroy(self, c: Container) -> None:
         """Remove everything of ``c``; idempotent, tolerant of half-built containers."""
         runtime = self.runtimes.get(c.runtime_handler)
-        if runtime is not None:
+        if runtime is not None and not await self._await_release(c):
             try:
                 await runtime.delete(c.id, force=True)
             except MoorageError as e:
@@ -493,10 +563,9 @@ class ContainerManager:
         watcher = self._watchers.pop(c.id, None)
         if watcher is not None:
             watcher.cancel()
-        await asyncio.to_thread(self.storage.remove, c.id)
-        await asyncio.to_thread(_unmount_idmapped, self.state_dir(c) / IDMAPPED_DIR)
-        await asyncio.to_thread(remove_tree, self.state_dir(c))
-        await asyncio.to_thread((self.paths.records / f"{c.id}.json").unlink, missing_ok=True)
+        await asyncio.to_thread(self._remove_files, c)
+        self._empty_trash_soon()
+        self._released.pop(c.id, None)
         self._containers.pop(c.id, None)
         for key, cid in list(self._by_key.items()):
             if cid == c.id:
@@ -504,6 +573,38 @@ class ContainerManager:
         self._locks.pop(c.id, None)
         self._exited.pop(c.id, None)
         _log.info("container.removed", container_id=c.id)
+
+    def _remove_files(self, c: Container) -> None:
+        """The writable layer, the state dir, then the record (in a thread).
+
+        The two directories are only moved into trash directories (a rename each), as
+        containerd leaves snapshot deletion to its garbage collector: ``_empty_trash``
+        deletes them in the background, and at the next start if the daemon died first.
+        """
+        self.storage.remove(c.id, later=True)
+        _unmount_idmapped(self.state_dir(c) / IDMAPPED_DIR)
+        discard_tree(self.state_dir(c), self._trash)
+        (self.paths.records / f"{c.id}.json").unlink(missing_ok=True)
+
+    def _empty_trash_soon(self) -> None:
+        """Delete the trash in a background thread (one task at a time, until it stays
+        empty)."""
+        self._trash_dirty = True
+        if self._trash_task is None or self._trash_task.done():
+            self._trash_task = asyncio.get_running_loop().create_task(self._empty_trash())
+
+    async def _empty_trash(self) -> None:
+        while self._trash_dirty:
+            self._trash_dirty = False
+            try:
+                await asyncio.to_thread(self._empty_trash_dirs)
+            except (OSError, MoorageError) as e:
+                _log.warning("container.trash_failed", error=str(e))
+                return
+
+    def _empty_trash_dirs(self) -> None:
+        self.storage.empty_trash()
+        empty_trash(self._trash)
 
     async def _on_sandbox_stop(self, sandbox_id: str, remove: bool) -> None:
         pod = [c for c in self._containers.values() if c.sandbox_id == sandbox_id]
@@ -551,6 +652,7 @@ class ContainerManager:
     async def recover(self) -> None:
         for d in (self.paths.records, self.paths.run):
             await asyncio.to_thread(d.mkdir, parents=True, exist_ok=True, mode=0o711)
+        self._empty_trash_soon()  # what a removal before a crash left
         loaded = await asyncio.to_thread(lambda: list(records.load_all(self.paths.records, KIND)))
         for path, rec in loaded:
             c = None if isinstance(rec, records.RecordError) else _from_record(rec)
@@ -643,6 +745,10 @@ def _unmount_idmapped(base: Path) -> None:
                 break
         if os.path.ismount(path):
             raise FailedPrecondition(f"idmapped mount {path} stays mounted")
+
+
+def _ms_since(begun: float) -> float:
+    return round((time.monotonic() - begun) * 1000, 1)
 
 
 def _start_time(pid: int) -> int | None:

@@ -213,7 +213,8 @@ def write_pod_files(
 ) -> dict[str, Path]:
     """Write ``hostname`` (with a newline), ``hosts`` and ``resolv.conf`` into ``directory``.
 
-    Each file is written atomically (temp file, fsync, rename) with mode 0644; the directory
+    Each file is written atomically (temp file, rename; no fsync: the files live under the
+    runroot, which a reboot empties, with the pod that uses them) with mode 0644; the directory
     is created with mode 0755 when missing. ``owner`` (host uid, gid): the files are chowned
     to it (the root of a pod with a user namespace, so that they are root's in the pod).
     Returns the paths by file name, for the bind mounts of every container of the pod.
@@ -226,7 +227,7 @@ def write_pod_files(
     paths: dict[str, Path] = {}
     for name, data in contents.items():
         path = directory / name
-        atomic_write(path, data, mode=0o644)
+        atomic_write(path, data, mode=0o644, durable=False)
         if owner is not None:
             os.chown(path, *owner)
         paths[name] = path

@@ -30,6 +30,7 @@ from moorage.network import AttachRequest, CNIManager
 from moorage.sandbox import cgroups, files, namespaces, userns
 from moorage.sandbox.model import Mode, Sandbox, SandboxSpec, State
 from moorage.state import records
+from moorage.util import codec
 from moorage.util.fs import remove_tree
 from moorage.util.idmap import IdMapping, map_id
 
@@ -155,8 +156,10 @@ class SandboxManager:
         return self._locks.setdefault(sandbox_id, asyncio.Lock())
 
     def _save(self, sb: Sandbox) -> Awaitable[None]:
+        # Snapshot here, encode in the thread: changes to sb after this call stay out.
+        snap = codec.snapshot(sb)
         return asyncio.to_thread(
-            records.write, self.paths.records / f"{sb.id}.json", KIND, sb.record()
+            records.writer(self.paths.records / f"{sb.id}.json", KIND, snap.record)
         )
 
     # -- RunPodSandbox -------------------------------------------------------------------
@@ -238,6 +241,7 @@ class SandboxManager:
     async def _build(self, sb: Sandbox) -> Sandbox:
         spec = sb.spec
         log_ = _log.bind(pod_sandbox_id=sb.id, name=spec.name, namespace=spec.namespace)
+        begun = time.monotonic()
         self._sandboxes[sb.id] = sb
         self._by_key[spec.key] = sb.id
         try:
@@ -250,7 +254,8 @@ class SandboxManager:
                                  error=e.message if isinstance(e, MoorageError) else repr(e))
                     await asyncio.shield(self._teardown(sb, remove=True))
                     raise
-            log_.info("sandbox.ready", ips=sb.ips)
+            log_.info("sandbox.ready", ips=sb.ips,
+                      duration_ms=round((time.monotonic() - begun) * 1000, 1))
             return sb
         finally:
             self._building.pop(spec.key, None)
@@ -259,55 +264,22 @@ class SandboxManager:
         spec = sb.spec
         run_dir = self.paths.run / sb.id
         sb.files_dir = str(run_dir)
-        if spec.log_directory:
-            await asyncio.to_thread(Path(spec.log_directory).mkdir, parents=True,
-                                    exist_ok=True, mode=0o755)
-        # 1. The pod cgroup (kubelet usually made it; we create what is missing).
         sb.cgroup_path = self._cgroup_path(sb)
-        pod_cgroup = cgroups.PodCgroup(self.layout, sb.cgroup_path)
-        created = await asyncio.to_thread(pod_cgroup.create)
-        # The shared default parent (for pods that name none) outlives any one pod.
-        shared = cgroups.pod_cgroup_path("", self.cgroup_driver)  # type: ignore[arg-type]
-        sb.cgroup_created = [str(p) for p in created if not str(p).endswith(shared)]
-        await self._save(sb)
-        if spec.resources is not None:
-            await asyncio.to_thread(pod_cgroup.apply, spec.resources)
-        # 2. Namespaces, created by the pinns helper with hostname and sysctls applied
-        #    (with a user namespace: it first, owning the others).
         want = self.pinned(sb)
-        mappings = (namespaces.UserMappings(uids=spec.userns.uids, gids=spec.userns.gids)
-                    if spec.userns.pod else None)
-        await namespaces.pin(
-            self.paths.ns, sb.id, net=want.net is not None, ipc=want.ipc is not None,
-            uts=want.uts is not None, hostname=spec.hostname if want.uts else "",
-            sysctls=spec.sysctls, user=mappings,
-        )
+        # 1 and 2 at once (independent; a failure of either undoes both, see _together):
+        # the pod cgroup, recorded before anything else, and the namespaces.
+        await _together(self._make_cgroup(sb), self._pin(sb, want))
         # The pod's root owns its /dev/shm and files (host root is nobody in the pod), and
         # runc, in the pod's user namespace, must be able to walk into run_dir.
         owner = self.pod_root(sb)
-        await asyncio.to_thread(_searchable_dir, run_dir)
-        # 3. /dev/shm for the pod's IPC namespace.
         if spec.ipc != Mode.NODE:
-            shm = run_dir / "shm"
-            sb.shm_path = str(shm)
-            await asyncio.to_thread(files.mount_shm, shm, files.shm_size(spec.annotations),
-                                    owner)
-        # 4. The network.
-        if not spec.host_network:
-            assert want.net is not None
-            sb.network_attached = True  # a DEL is owed from here on, whatever ADD does
-            result = await self.cni.attach(AttachRequest(
-                sandbox_id=sb.id, netns_path=want.net, pod_namespace=spec.namespace,
-                pod_name=spec.name, pod_uid=spec.uid, port_mappings=spec.port_mappings,
-                bandwidth=spec.bandwidth, cgroup_parent=sb.cgroup_path,
-            ))
-            sb.ips = list(result.ips)
-        # 5. hostname, hosts, resolv.conf.
-        hostname = spec.hostname or (await asyncio.to_thread(_host_hostname))
-        resolv = await asyncio.to_thread(files.resolv_conf, spec.dns)
-        hosts = await asyncio.to_thread(files.hosts_file, hostname, sb.ips, spec.host_network)
-        await asyncio.to_thread(files.write_pod_files, run_dir, hostname=hostname,
-                                resolv=resolv, hosts=hosts, owner=owner)
+            sb.shm_path = str(run_dir / "shm")  # before it is mounted: teardown unmounts it
+        # 3 and 4 at once: the run dir with /dev/shm for the pod's IPC namespace, and the
+        # network (CNI's plugins are processes of their own).
+        network = self._attach(sb, want) if not spec.host_network else _nothing()
+        await _together(asyncio.to_thread(self._make_run_dir, sb, run_dir, owner), network)
+        # 5. hostname, hosts, resolv.conf (the hosts file names the pod's IPs).
+        await asyncio.to_thread(_write_pod_files, sb, run_dir, owner)
         # 6. The infra process, only where containers share the pod's PID namespace.
         if spec.pid == Mode.POD:
             # In a child cgroup: on cgroup v2 a cgroup holding processes cannot enable
@@ -322,6 +294,47 @@ class SandboxManager:
             await self._save(sb)
         sb.state = State.READY
         await self._save(sb)
+
+    async def _make_cgroup(self, sb: Sandbox) -> None:
+        """The pod cgroup (kubelet usually made it; what is missing is created, recorded)."""
+        spec = sb.spec
+        pod_cgroup = cgroups.PodCgroup(self.layout, sb.cgroup_path)
+        created = await asyncio.to_thread(_make_cgroup, pod_cgroup, spec.log_directory)
+        # The shared default parent (for pods that name none) outlives any one pod.
+        shared = cgroups.pod_cgroup_path("", self.cgroup_driver)  # type: ignore[arg-type]
+        sb.cgroup_created = [str(p) for p in created if not str(p).endswith(shared)]
+        await self._save(sb)
+        if spec.resources is not None:
+            await asyncio.to_thread(pod_cgroup.apply, spec.resources)
+
+    async def _pin(self, sb: Sandbox, want: namespaces.PinnedNamespaces) -> None:
+        """The namespaces, made by the pinns helper with hostname and sysctls applied (with
+        a user namespace: it first, owning the others). Found again by their paths."""
+        spec = sb.spec
+        mappings = (namespaces.UserMappings(uids=spec.userns.uids, gids=spec.userns.gids)
+                    if spec.userns.pod else None)
+        await namespaces.pin(
+            self.paths.ns, sb.id, net=want.net is not None, ipc=want.ipc is not None,
+            uts=want.uts is not None, hostname=spec.hostname if want.uts else "",
+            sysctls=spec.sysctls, user=mappings,
+        )
+
+    @staticmethod
+    def _make_run_dir(sb: Sandbox, run_dir: Path, owner: tuple[int, int] | None) -> None:
+        _searchable_dir(run_dir)
+        if sb.shm_path:
+            files.mount_shm(Path(sb.shm_path), files.shm_size(sb.spec.annotations), owner)
+
+    async def _attach(self, sb: Sandbox, want: namespaces.PinnedNamespaces) -> None:
+        spec = sb.spec
+        assert want.net is not None
+        sb.network_attached = True  # a DEL is owed from here on, whatever ADD does
+        result = await self.cni.attach(AttachRequest(
+            sandbox_id=sb.id, netns_path=want.net, pod_namespace=spec.namespace,
+            pod_name=spec.name, pod_uid=spec.uid, port_mappings=spec.port_mappings,
+            bandwidth=spec.bandwidth, cgroup_parent=sb.cgroup_path,
+        ))
+        sb.ips = list(result.ips)
 
     @staticmethod
     def pod_root(sb: Sandbox) -> tuple[int, int] | None:
@@ -450,6 +463,35 @@ def mapped_root(uids: Sequence[IdMapping], gids: Sequence[IdMapping]) -> tuple[i
     if uid is None or gid is None:
         raise InvalidArgument(f"{userns.FIELD}: no mapping covers container id 0")
     return uid, gid
+
+
+async def _together(*steps: Awaitable[None]) -> None:
+    """Run ``steps`` concurrently, each to its end (so that nothing is still being built
+    when a failure is undone); then raise the first failure, if any."""
+    results = await asyncio.gather(*steps, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+
+
+async def _nothing() -> None:
+    return None
+
+
+def _make_cgroup(pod_cgroup: cgroups.PodCgroup, log_directory: str) -> list[Path]:
+    """kubelet's log directory for the pod, then the cgroups that were missing."""
+    if log_directory:
+        Path(log_directory).mkdir(parents=True, exist_ok=True, mode=0o755)
+    return pod_cgroup.create()
+
+
+def _write_pod_files(sb: Sandbox, run_dir: Path, owner: tuple[int, int] | None) -> None:
+    spec = sb.spec
+    hostname = spec.hostname or _host_hostname()
+    files.write_pod_files(
+        run_dir, hostname=hostname, resolv=files.resolv_conf(spec.dns),
+        hosts=files.hosts_file(hostname, sb.ips, spec.host_network), owner=owner,
+    )
 
 
 def _searchable_dir(path: Path) -> None:

@@ -23,6 +23,7 @@ import os
 import signal
 import stat
 import sys
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from types import MappingProxyType
 from typing import Any
 
 from moorage.errors import Internal, InvalidArgument
+from moorage.sandbox.pinns import __main__ as pinns_helper
 from moorage.sandbox.pinns import (
     hostname_problem,
     id_problem,
@@ -38,6 +40,7 @@ from moorage.sandbox.pinns import (
 )
 from moorage.util.helper import helper_env
 from moorage.util.idmap import IdMapping
+from moorage.util.proc import DEVNULL, PIPE, spawn
 
 HELPER_MODULE = "moorage.sandbox.pinns"
 #: Exit code of the helper when it refused the request (1 is a failure of the machine).
@@ -203,8 +206,12 @@ async def pin(
         user=user,
     )
     what = f"pinning namespaces of sandbox {sandbox_id}"
+    # Without a user namespace the helper's work runs in a fresh thread of this process
+    # (net, IPC and UTS namespaces are per thread; the thread ends once they are pinned):
+    # no interpreter to start per pod.
+    run = _run_helper if user is not None else _run_in_thread
     try:
-        returncode, answer, stderr = await _run_helper(argv)
+        returncode, answer, stderr = await run(argv)
     except BaseException:
         # Killed half-way (cancelled): its pins are where they would be. A few syscalls.
         _unpin_paths(expected.paths(), strict=False)
@@ -395,14 +402,8 @@ async def _run_helper(args: Sequence[str]) -> tuple[int | None, dict[str, Any] |
         *args,
     ]
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            cwd="/",
-            env=helper_env(),
-        )
+        proc = await spawn(argv, stdin=DEVNULL, stdout=PIPE, stderr=PIPE, cwd="/",
+                           env=helper_env())
     except OSError as e:
         raise NamespaceError(f"cannot start the namespace helper: {e.strerror}") from None
     try:
@@ -420,6 +421,33 @@ async def _run_helper(args: Sequence[str]) -> tuple[int | None, dict[str, Any] |
             answer = json.loads(lines[-1])
     return proc.returncode, answer if isinstance(answer, dict) else None, stderr
 
+
+
+async def _run_in_thread(args: Sequence[str]) -> tuple[int | None, dict[str, Any] | None, bytes]:
+    """:func:`_run_helper`'s contract, with the helper's code run in a thread of its own
+    that ends after it (its namespaces are not this process's). If the awaiting task is
+    cancelled, the thread is waited for (a few syscalls) before this returns."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[tuple[int, dict[str, Any]]] = loop.create_future()
+
+    def work() -> None:
+        result = pinns_helper.run(args, in_thread=True)
+        loop.call_soon_threadsafe(_settle, done, result)
+
+    thread = threading.Thread(target=work, name="moorage-pinns", daemon=True)
+    thread.start()
+    try:
+        code, answer = await asyncio.shield(done)
+    except asyncio.CancelledError:
+        await asyncio.to_thread(thread.join)
+        raise
+    return code, answer, b""
+
+
+def _settle(future: asyncio.Future[tuple[int, dict[str, Any]]],
+            result: tuple[int, dict[str, Any]]) -> None:
+    if not future.done():
+        future.set_result(result)
 
 
 def _no_answer(what: str, returncode: int | None, stderr: bytes) -> str:

@@ -9,6 +9,7 @@ Layout under ``root`` (``<moorage root>/overlay``)::
     containers/<id>/work/         overlayfs's work dir (same filesystem as upper)
     containers/<id>/merged/       the mount point: the container's root filesystem
     containers/<id>/lower.json    the layer dirs, lowest first (to mount again after a reboot)
+    trash/<id>/                   a removed container's directory, deleted in the background
 
 **Mount data fits one page.** ``mount(2)`` takes the overlay options as one string of at most
 a page (4096 bytes).  As containers/storage does, each layer is named by a short link
@@ -60,7 +61,7 @@ from moorage.errors import (
     InvalidArgument,
     NotFound,
 )
-from moorage.util.fs import atomic_write, remove_tree, tree_usage
+from moorage.util.fs import atomic_write, discard_tree, empty_trash, remove_tree, tree_usage
 from moorage.util.idmap import MappedUserNamespace, clone_idmapped, detach
 
 _log = log.get("moorage.storage")
@@ -103,6 +104,7 @@ class ContainerStorage:
         self.links = root / "l"
         self.empty = root / "empty"
         self.containers = root / "containers"
+        self.trash = root / "trash"
         self._lock = threading.Lock()
         self._index_off: bool | None = None  # whether the kernel takes "index=off"
 
@@ -162,8 +164,12 @@ class ContainerStorage:
             raise AlreadyExists(f"container {container_id} already has storage") from None
         fs = self.rootfs(container_id)
         try:
+            # No fsync: what a machine crash can lose here is only the remount of a rootfs
+            # whose processes died with the machine (CRI never starts an exited container
+            # again); the container's own record, written durably before, drives cleanup.
             atomic_write(
-                d / "lower.json", json.dumps({"layers": [str(p) for p in lowers]}).encode()
+                d / "lower.json", json.dumps({"layers": [str(p) for p in lowers]}).encode(),
+                durable=False,
             )
             fs.work.mkdir(mode=0o700)
             fs.merged.mkdir(mode=0o755)
@@ -329,29 +335,40 @@ class ContainerStorage:
         return target in _mount_points()
 
     def unmount(self, container_id: str) -> None:
-        """Detach the overlay (MNT_DETACH); not mounted is fine."""
+        """Detach the overlay (MNT_DETACH) and anything stacked on it; not mounted is fine.
+
+        Returns only once the kernel says the mount point holds no mount (EINVAL), so the
+        directory is safe to delete; no scan of the mount table (it is long on a busy node).
+        """
         merged = os.fsencode(self.rootfs(container_id).merged)
         for _ in range(16):  # stacked mounts come off one at a time
-            if not self.is_mounted(container_id):
-                return
             if _libc.umount2(merged, _MNT_DETACH) != 0:
                 err = ctypes.get_errno()
                 if err in (errno.EINVAL, errno.ENOENT):
-                    return
+                    return  # not (or no longer) a mount point
                 raise Internal(
                     f"unmounting the rootfs of container {container_id} failed: {os.strerror(err)}"
                 )
         raise Internal(f"the rootfs of container {container_id} stays mounted")
 
-    def remove(self, container_id: str) -> None:
-        """Unmount and delete the container's upper, work and mount point; idempotent."""
+    def remove(self, container_id: str, *, later: bool = False) -> None:
+        """Unmount and delete the container's upper, work and mount point; idempotent.
+
+        ``later``: only move the directory into ``trash/`` (one rename); :meth:`empty_trash`
+        deletes it.
+        """
         d = self._dir(container_id)
         if not d.exists():
             return
-        self.unmount(container_id)
-        if self.is_mounted(container_id):  # never delete through a mount
-            raise Internal(f"the rootfs of container {container_id} is still mounted")
-        remove_tree(d)
+        self.unmount(container_id)  # never delete through a mount: raises if one stays
+        if later:
+            discard_tree(d, self.trash)
+        else:
+            remove_tree(d)
+
+    def empty_trash(self) -> None:
+        """Delete what ``remove(..., later=True)`` left in ``trash/``."""
+        empty_trash(self.trash)
 
     # ------------------------------------------------------------------ queries
 

@@ -6,11 +6,14 @@ import contextlib
 import errno
 import os
 import stat
-import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
+
+# The layer unpack helper imports this module once per layer: tempfile, pathlib and
+# dataclasses would double its start-up, so they are imported only where needed.
+if TYPE_CHECKING:
+    from pathlib import Path
 
 
 def fsync_dir(path: Path) -> None:
@@ -21,12 +24,16 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
+def atomic_write(path: Path, data: bytes, mode: int = 0o600, *, durable: bool = True) -> None:
     """Write ``data`` to ``path`` so that a crash leaves either the old or the new file.
 
     Temp file in the same directory, fsync, rename over the target, fsync the directory
-    (the containers/storage ``AtomicWriteFile`` pattern).
+    (the containers/storage ``AtomicWriteFile`` pattern). ``durable=False`` skips both
+    fsyncs: readers never see a partial file, but a machine crash may lose it (for files
+    under the runroot, which a reboot empties anyway).
     """
+    import tempfile
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -34,13 +41,15 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
             f.write(data)
             f.flush()
             os.fchmod(f.fileno(), mode)
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -59,7 +68,7 @@ def _scan(dir_fd: int, visit: Callable[[int, str, os.stat_result], None]) -> lis
 
 
 def walk_tree(
-    path: Path,
+    path: str | Path,
     visit: Callable[[int, str, os.stat_result], None],
     leave: Callable[[int, str], None] | None = None,
 ) -> None:
@@ -103,7 +112,7 @@ def walk_tree(
         os.close(fd)
 
 
-def remove_tree(path: Path) -> None:
+def remove_tree(path: str | Path) -> None:
     """Remove a file or directory tree; a missing path is fine.
 
     Works on trees of any depth (see :func:`walk_tree`); ``shutil.rmtree`` of Python 3.11
@@ -115,7 +124,7 @@ def remove_tree(path: Path) -> None:
         return
     if not stat.S_ISDIR(st.st_mode):
         with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+            os.unlink(path)
         return
 
     def visit(dir_fd: int, name: str, entry: os.stat_result) -> None:
@@ -132,6 +141,33 @@ def remove_tree(path: Path) -> None:
         os.rmdir(path)
     except FileNotFoundError:
         pass
+
+
+def discard_tree(path: Path, trash: Path) -> None:
+    """Take ``path`` out of the way now (one rename into ``trash``, a directory on the same
+    filesystem) and leave its removal to :func:`empty_trash`; a missing path is fine.
+    Falls back to :func:`remove_tree` when the rename cannot be done."""
+    try:
+        trash.mkdir(mode=0o700, parents=True, exist_ok=True)
+        target = trash / path.name
+        if os.path.lexists(target):
+            remove_tree(target)  # left by an interrupted empty_trash
+        os.rename(path, target)
+    except FileNotFoundError:
+        if os.path.lexists(path):
+            remove_tree(path)
+    except OSError:
+        remove_tree(path)
+
+
+def empty_trash(trash: Path) -> None:
+    """Remove everything :func:`discard_tree` put into ``trash``."""
+    try:
+        names = os.listdir(trash)
+    except FileNotFoundError:
+        return
+    for name in names:
+        remove_tree(trash / name)
 
 
 def tree_usage(path: Path) -> tuple[int, int]:
@@ -153,8 +189,7 @@ def tree_usage(path: Path) -> tuple[int, int]:
     return used, inodes
 
 
-@dataclass(frozen=True)
-class FsUsage:
+class FsUsage(NamedTuple):
     """What ImageFsInfo reports for one filesystem."""
 
     mountpoint: str

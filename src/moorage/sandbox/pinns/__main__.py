@@ -1,17 +1,16 @@
 """``python -m moorage.sandbox.pinns``: create and pin a pod's namespaces, or start its infra.
 
 See the package docstring for both commands and their output contract. Only the standard
-library is imported (and only what is needed): the helper runs once per pod and must start
-fast. Each step that changes the machine is undone when a later step fails.
+library is imported (and only what is needed: no argparse, json or signal, whose imports
+cost more than the helper's work): the helper runs once per pod and must start fast. Each
+step that changes the machine is undone when a later step fails.
 """
 
 from __future__ import annotations
 
-import argparse
+import _signal  # type: ignore[import-not-found]  # signal's C half: no enum import
 import ctypes
-import json
 import os
-import signal
 import sys
 
 from moorage.sandbox.pinns import (
@@ -119,41 +118,61 @@ class _Libc:
 # -- pin -------------------------------------------------------------------------------------
 
 
-class _PinArgs(argparse.Namespace):
-    dir: str
-    id: str
-    user: bool
-    uid_map: list[str]
-    gid_map: list[str]
-    net: bool
-    ipc: bool
-    uts: bool
-    hostname: str
-    sysctl: list[str]
+def _parse_options(
+    argv: Sequence[str], *, flags: tuple[str, ...] = (), values: tuple[str, ...] = (),
+    lists: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """``--flag``, ``--name VALUE`` (or ``--name=VALUE``) and repeatable ``--item VALUE``
+    options, keyed by name with ``_`` for ``-``; anything else is refused."""
+    out: dict[str, Any] = {name.replace("-", "_"): False for name in flags}
+    out.update((name.replace("-", "_"), None) for name in values)
+    out.update((name.replace("-", "_"), []) for name in lists)
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        name, eq, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+        if name in flags and not eq:
+            out[name.replace("-", "_")] = True
+            continue
+        if name not in values and name not in lists:
+            raise Refused(f"unknown argument {arg!r}")
+        if not eq:
+            if i == len(argv):
+                raise Refused(f"option --{name} needs a value")
+            value = argv[i]
+            i += 1
+        if name in lists:
+            out[name.replace("-", "_")].append(value)
+        else:
+            out[name.replace("-", "_")] = value
+    return out
+
+
+class _PinArgs:
+    def __init__(self, options: dict[str, Any]) -> None:
+        for required in ("dir", "id"):
+            if options[required] is None:
+                raise Refused(f"option --{required} is required")
+        self.dir: str = options["dir"]
+        self.id: str = options["id"]
+        self.user: bool = options["user"]
+        self.uid_map: list[str] = options["uid_map"]
+        self.gid_map: list[str] = options["gid_map"]
+        self.net: bool = options["net"]
+        self.ipc: bool = options["ipc"]
+        self.uts: bool = options["uts"]
+        self.hostname: str = options["hostname"] or ""
+        self.sysctl: list[str] = options["sysctl"]
 
 
 def _parse_pin_args(argv: Sequence[str]) -> _PinArgs:
-    parser = argparse.ArgumentParser(
-        prog="python -m moorage.sandbox.pinns",
-        description="Create namespaces and pin them by bind mounts at DIR/<type>/ID.",
-    )
-    parser.add_argument("--dir", required=True, help="pin directory (absolute)")
-    parser.add_argument("--id", required=True, help="sandbox id: the pins' file name")
-    parser.add_argument("--user", action="store_true", help="a new user namespace (first)")
-    parser.add_argument(
-        "--uid-map", action="append", default=[], metavar="C:H:L", help="uid_map line"
-    )
-    parser.add_argument(
-        "--gid-map", action="append", default=[], metavar="C:H:L", help="gid_map line"
-    )
-    parser.add_argument("--net", action="store_true", help="a new network namespace")
-    parser.add_argument("--ipc", action="store_true", help="a new IPC namespace")
-    parser.add_argument("--uts", action="store_true", help="a new UTS namespace")
-    parser.add_argument("--hostname", default="", help="hostname in the new UTS namespace")
-    parser.add_argument(
-        "--sysctl", action="append", default=[], metavar="KEY=VALUE", help="namespaced sysctl"
-    )
-    return parser.parse_args(argv, namespace=_PinArgs())
+    """``--dir DIR --id ID [--user --uid-map C:H:L... --gid-map C:H:L...] [--net] [--ipc]
+    [--uts] [--hostname NAME] [--sysctl KEY=VALUE...]`` (the package docstring)."""
+    return _PinArgs(_parse_options(
+        argv, flags=("user", "net", "ipc", "uts"), values=("dir", "id", "hostname"),
+        lists=("uid-map", "gid-map", "sysctl"),
+    ))
 
 
 def _pin_sysctls(args: _PinArgs) -> list[tuple[str, str]]:
@@ -241,7 +260,8 @@ def _pin(libc: _Libc, args: _PinArgs, made: list[str]) -> dict[str, str]:
         with _UserNamespaceChild(libc, flags & ~CLONE_NEWUSER, args.hostname, sysctls) as child:
             child.map(uids, gids)
             return _bind_pins(libc, args, types, f"/proc/{child.pid}/ns", made)
-    # This process is single-threaded: unshare() moves the whole process.
+    # This process is single-threaded: unshare() moves the whole process (run in a thread
+    # of the daemon: that thread only, which ends after the pins are made).
     libc.unshare(flags, "+".join(types))
     _enter_setup(libc, args.hostname, sysctls)
     return _bind_pins(libc, args, types, "/proc/thread-self/ns", made)
@@ -295,14 +315,14 @@ class _UserNamespaceChild:
         code = 0
         try:
             libc = self.libc
-            libc.set_pdeathsig(signal.SIGKILL)
+            libc.set_pdeathsig(_signal.SIGKILL)
             libc.unshare(CLONE_NEWUSER, "user")
             os.write(self._up_w, b".")
             if os.read(self._down_r, 1) != b".":
                 os._exit(1)  # the helper gave up
             os.setresgid(0, 0, 0)
             os.setresuid(0, 0, 0)
-            libc.set_pdeathsig(signal.SIGKILL)  # a change of credentials cleared it
+            libc.set_pdeathsig(_signal.SIGKILL)  # a change of credentials cleared it
             if self.flags:
                 libc.unshare(self.flags, "namespaces owned by the user namespace")
             _enter_setup(libc, self.hostname, self.sysctls)
@@ -388,12 +408,13 @@ def _undo_pins(libc: _Libc, made: Sequence[str]) -> None:
 # -- infra -----------------------------------------------------------------------------------
 
 
-class _InfraArgs(argparse.Namespace):
-    user_ns: str | None
-    net_ns: str | None
-    ipc_ns: str | None
-    uts_ns: str | None
-    cgroup_procs: list[str]
+class _InfraArgs:
+    def __init__(self, options: dict[str, Any]) -> None:
+        self.user_ns: str | None = options["user_ns"]
+        self.net_ns: str | None = options["net_ns"]
+        self.ipc_ns: str | None = options["ipc_ns"]
+        self.uts_ns: str | None = options["uts_ns"]
+        self.cgroup_procs: list[str] = options["cgroup_procs"]
 
 
 def _parse_infra_args(argv: Sequence[str]) -> tuple[_InfraArgs, list[str]]:
@@ -403,18 +424,9 @@ def _parse_infra_args(argv: Sequence[str]) -> tuple[_InfraArgs, list[str]]:
         raise Refused("infra: no command (give it after '--')")
     cut = argv.index("--")
     options, command = argv[:cut], argv[cut + 1 :]
-    parser = argparse.ArgumentParser(
-        prog="python -m moorage.sandbox.pinns infra",
-        description="Start a pod's infra process as PID 1 of a new PID namespace.",
-    )
-    parser.add_argument("--user-ns", help="user namespace to join (first)")
-    parser.add_argument("--net-ns", help="network namespace to join")
-    parser.add_argument("--ipc-ns", help="IPC namespace to join")
-    parser.add_argument("--uts-ns", help="UTS namespace to join")
-    parser.add_argument(
-        "--cgroup-procs", action="append", default=[], metavar="FILE", help="cgroup.procs to join"
-    )
-    return parser.parse_args(options, namespace=_InfraArgs()), command
+    parsed = _parse_options(
+        options, values=("user-ns", "net-ns", "ipc-ns", "uts-ns"), lists=("cgroup-procs",))
+    return _InfraArgs(parsed), command
 
 
 def _become_infra(
@@ -446,8 +458,8 @@ def _become_infra(
         os.dup2(null, std)  # the daemon's pipes must not stay open in the infra process
     os.closerange(3, w)
     os.closerange(w + 1, os.sysconf("SC_OPEN_MAX"))
-    for sig in (signal.SIGPIPE, signal.SIGXFSZ):  # Python ignores them; exec would keep that
-        signal.signal(sig, signal.SIG_DFL)
+    for sig in (_signal.SIGPIPE, _signal.SIGXFSZ):  # Python ignores them; exec would keep that
+        _signal.signal(sig, _signal.SIG_DFL)
     os.chdir("/")
     try:
         os.execve(command[0], list(command), _INFRA_ENV)
@@ -513,24 +525,65 @@ def _message(e: OSError) -> str:
     return e.strerror or str(e)
 
 
+def _json_string(text: str) -> str:
+    """``text`` as a JSON string, ASCII only (as ``json.dumps`` writes it by default)."""
+    out = ['"']
+    for ch in text:
+        code = ord(ch)
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif 0x20 <= code < 0x7F:
+            out.append(ch)
+        elif code > 0xFFFF:  # a UTF-16 surrogate pair
+            code -= 0x10000
+            out.append(f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}")
+        else:
+            out.append(f"\\u{code:04x}")
+    out.append('"')
+    return "".join(out)
+
+
+def _json(payload: dict[str, Any]) -> str:
+    """A flat object of strings, integers and None as JSON (``json`` costs an import)."""
+    items = []
+    for key, value in payload.items():
+        if value is None:
+            text = "null"
+        elif isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, int):
+            text = str(value)
+        else:
+            text = _json_string(str(value))
+        items.append(f"{_json_string(key)}: {text}")
+    return "{" + ", ".join(items) + "}"
+
+
 def _emit(payload: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(payload) + "\n")
+    sys.stdout.write(_json(payload) + "\n")
     sys.stdout.flush()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def run(argv: Sequence[str], *, in_thread: bool = False) -> tuple[int, dict[str, Any]]:
+    """One command: (exit code, answer). ``in_thread``: called in a fresh thread of another
+    program (the daemon), which the thread's namespaces die with unless pinned: only pins
+    without a user namespace (``unshare(CLONE_NEWUSER)`` needs a single-threaded process)
+    and no ``infra``."""
+    argv = list(argv)
     made: list[str] = []
     libc: _Libc | None = None
     try:
         libc = _Libc()
-        # Dying with the daemon: a half-done pin is found by the next start from its path.
-        libc.set_pdeathsig(signal.SIGKILL)
+        if in_thread:
+            if argv[:1] == ["infra"] or "--user" in argv:
+                raise Refused("infra and --user need the helper process")
+        else:
+            # Dying with the daemon: a half-done pin is found by the next start from its path.
+            libc.set_pdeathsig(_signal.SIGKILL)
         if argv[:1] == ["infra"]:
             infra_args, command = _parse_infra_args(argv[1:])
-            answer = _infra(libc, infra_args, command)
-        else:
-            answer = _pin(libc, _parse_pin_args(argv), made)
+            return EXIT_OK, _infra(libc, infra_args, command)
+        return EXIT_OK, _pin(libc, _parse_pin_args(argv), made)
     except Refused as e:
         code, payload = EXIT_REFUSED, {"error": str(e)}
     except OSError as e:
@@ -540,11 +593,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         traceback.print_exc()
         code, payload = EXIT_FAILED, {"error": f"internal error: {type(e).__name__}: {e}"}
-    else:
-        _emit(answer)
-        return EXIT_OK
     if made and libc is not None:
         _undo_pins(libc, made)
+    return code, payload
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    code, payload = run(sys.argv[1:] if argv is None else argv)
     _emit(payload)
     return code
 
