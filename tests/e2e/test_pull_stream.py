@@ -21,7 +21,7 @@ import grpc
 import pytest
 
 from moorage.cri.v1 import api_pb2 as pb
-from moorage.image.unpack.__main__ import NICE
+from moorage.image.unpack import NICE
 from moorage.image.unpacker import Unpacker, UnpackError
 from tests.e2e.test_images import insecure_conf, pull, rpc_error
 from tests.e2e.test_pull_failures import assert_store_clean
@@ -135,6 +135,8 @@ def test_helper_killed_mid_stream_leaves_nothing(
         os.kill(pid, signal.SIGSTOP)
         _wait_for("the helper to stop", lambda: _stopped(pid))
         ingest = d.root / "images/ingest"
+        # The helper is started first, the download right after it.
+        _wait_for("the download", lambda: any(ingest.iterdir()))
         partial = next(iter(ingest.iterdir()), None)
         assert partial is not None, "the layer is not downloading while the helper works"
         assert partial.stat().st_size < len(image.layers[0].data)

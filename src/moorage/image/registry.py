@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import os
 import re
 import ssl
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +41,7 @@ from moorage.errors import (
 from moorage.image.credentials import Credentials
 from moorage.image.manifest import reject_schema1
 from moorage.image.registries import Endpoint
+from moorage.image.unpack import NICE as BACKGROUND_NICE
 
 MANIFEST_ACCEPT = ", ".join(
     [
@@ -482,6 +485,14 @@ class RegistryClient:
         return written
 
 
+def _lower_thread_priority() -> None:
+    """Hashing and writing a download is background work: on a busy node the event loop
+    (every RPC) comes first. Linux's nice value is per thread."""
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(),
+                       min(19, os.getpriority(os.PRIO_PROCESS, 0) + BACKGROUND_NICE))
+
+
 class _BlobSink:
     """Writes a downloading blob to its file, hashes it and copies it to an optional pipe,
     in a thread of its own so the event loop never hashes or blocks on a file or a pipe.
@@ -496,7 +507,8 @@ class _BlobSink:
         self._hasher = hasher
         self._tee_fd = tee_fd
         self._tee_owned = tee_fd  # closed after the last chunk, in the thread
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="moorage-blob")
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="moorage-blob",
+                                            initializer=_lower_thread_priority)
         self._pending: asyncio.Future[None] | None = None
 
     @classmethod

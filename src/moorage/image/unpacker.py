@@ -9,7 +9,6 @@ does it for a blob file.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -20,6 +19,7 @@ from typing import Literal
 
 from moorage.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from moorage.util.helper import helper_env
+from moorage.util.proc import PIPE, Process, spawn
 
 Compression = Literal["gzip", "zstd", "none"]
 
@@ -115,7 +115,7 @@ class Unpacker:
     the helper must end it with :meth:`kill` on every error path.
     """
 
-    def __init__(self, proc: asyncio.subprocess.Process, name: str) -> None:
+    def __init__(self, proc: Process, name: str) -> None:
         self._proc = proc
         self._name = name
 
@@ -148,14 +148,8 @@ class Unpacker:
             argv += ["--max-size", str(max_size)]
         if max_entries is not None:
             argv += ["--max-entries", str(max_entries)]
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=source_fd,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            cwd="/",
-            env=helper_env(),
-        )
+        proc = await spawn(argv, stdin=source_fd, stdout=PIPE, stderr=PIPE, cwd="/",
+                           env=helper_env())
         return cls(proc, name)
 
     @property

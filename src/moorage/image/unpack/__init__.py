@@ -16,3 +16,7 @@ Output contract (one JSON object on stdout):
 The daemon side lives in :mod:`moorage.image.unpacker`; this package is imported only by the
 helper process and by tests (it keeps ``__init__`` free of imports on purpose).
 """
+
+#: How much lower than the daemon's the CPU priority of pull work is: the unpack helpers
+#: and the thread that hashes and writes each download (see _yield_to_the_daemon).
+NICE = 10

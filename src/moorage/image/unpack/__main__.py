@@ -25,6 +25,7 @@ import zlib  # noqa: F401  (tarfile imports it lazily on some errors)
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from moorage.image.unpack import NICE
 from moorage.image.unpack.apply import apply_layer
 from moorage.image.unpack.rules import LayerError, LayerLimitError
 from moorage.image.unpack.stream import COMPRESSIONS, Compression, LayerStream, open_source
@@ -37,8 +38,6 @@ EXIT_OK = 0
 EXIT_FAILED = 1  # the machine failed; the layer may be fine
 EXIT_REFUSED = 2  # the layer was refused
 EXIT_LIMIT = 3  # the layer passed a configured bound
-#: How much lower than the daemon's the helper's CPU priority is (see _yield_to_the_daemon).
-NICE = 5
 
 _PR_SET_PDEATHSIG = 1
 _CLONE_NEWNS = 0x00020000
@@ -136,9 +135,9 @@ def _yield_to_the_daemon() -> None:
 
     A pull runs several helpers at once and each is CPU-bound; at the daemon's priority
     they delay every wake-up of the daemon's RPC threads (on 2 busy CPUs, ListContainers
-    took a median 10 ms during a pull, 5 ms with the helpers niced). Niced, they still
-    take every idle cycle, so a pull on an idle machine is as fast; under contention they
-    give way, to the daemon and to other work.
+    took a median 10 ms during a pull, 5 ms with the helpers at nice 5, 3 ms at 10).
+    Niced, they still take every idle cycle, so a pull on an idle machine is as fast;
+    under contention they give way, to the daemon and to other work.
     """
     with contextlib.suppress(OSError):
         os.nice(NICE)
