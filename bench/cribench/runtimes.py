@@ -19,7 +19,7 @@ from moorage.cri.v1 import api_pb2 as pb
 from moorage.cri.v1 import api_pb2_grpc as pb_grpc
 from tests.e2e.conftest import make_daemon
 from tests.e2e.test_images import insecure_conf
-from tests.fixtures.daemon import MIB, Daemon
+from tests.fixtures.daemon import MIB, Daemon, kill_monitor_servers
 
 CONTAINERD = "/usr/bin/containerd"
 CTR = "/usr/bin/ctr"
@@ -110,12 +110,10 @@ class Moorage(Runtime):
     def stop(self) -> None:
         if self.daemon is not None:
             self.daemon.stop(timeout=60)
+            # The monitor server outlives the daemon by design (a restart keeps the
+            # containers): the bench's own goes with it.
+            kill_monitor_servers({str(self.daemon.runroot)})
             self.daemon = None
-        # The monitor server outlives the daemon by design (a restart keeps the
-        # containers); the bench's own has the bench's runroot in its command line.
-        for pid in _pids_with_arg(str(self.base)):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
 
 
 def _profiled(d: Daemon, out: Path) -> Daemon:

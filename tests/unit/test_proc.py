@@ -92,7 +92,18 @@ async def test_cancelled_communicate_leaves_the_child_to_the_caller() -> None:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
-async def test_child_gets_the_callers_network_namespace() -> None:
+async def test_child_gets_the_callers_network_namespace(monkeypatch: pytest.MonkeyPatch
+                                                        ) -> None:
+    threads: list[str] = []
+    real_popen = subprocess.Popen
+
+    def popen(*args: Any, **kwargs: Any) -> subprocess.Popen[bytes]:
+        if args and args[0][0] == "/bin/readlink":  # not the netns fixtures' own `ip`
+            threads.append(threading.current_thread().name)
+        return real_popen(*args, **kwargs)
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+
     def ns_of(pid_out: bytes) -> int:
         return int(pid_out.split(b"[")[1].split(b"]")[0])
 
@@ -106,3 +117,5 @@ async def test_child_gets_the_callers_network_namespace() -> None:
         inside = current_netns_inode()
         assert await child_netns() == inside  # not the pool threads' namespace
     assert await child_netns() != inside
+    # Every spawn, in either namespace, ran on a pool thread: one pool per namespace.
+    assert len(threads) == 3 and all(t.startswith("moorage-spawn") for t in threads)

@@ -7,10 +7,11 @@ runs ``subprocess.Popen`` (fork, exec, and the wait for the exec to succeed) in 
 thread pool of its own, and awaits the exit through a pidfd on the loop; pipes are read
 and written on the loop with non-blocking I/O. Never ``preexec_fn``: the daemon has threads.
 
-A child inherits the network namespace of the thread that forks it. When the calling thread
-is in another network namespace than the pool's threads (a test moved its event loop's
-thread into one; the daemon never does), the spawn happens on the calling thread, as
-``create_subprocess_exec`` would.
+A child inherits the network namespace of the thread that forks it, and a pool thread that
+of the thread that started it: so there is one pool per network namespace of the callers
+(the daemon's loop never changes namespace, so it has one; tests move their loop's thread
+into namespaces of their own). Should a pool thread ever be in another namespace than its
+caller, the spawn happens on the calling thread, as ``create_subprocess_exec`` would.
 
 A :class:`Process` has the ``pid``, ``returncode``, ``wait()``, ``communicate()``,
 ``send_signal()`` and ``kill()`` of ``asyncio.subprocess.Process``, with the same meanings
@@ -36,15 +37,18 @@ DEVNULL = subprocess.DEVNULL
 #: Spawns in flight at once: each is a fork+exec of a few ms; a pool of its own keeps them
 #: from queueing behind slow ``asyncio.to_thread`` work (storage, records).
 SPAWN_THREADS = 4
-_pool: ThreadPoolExecutor | None = None
+_pools: dict[int, ThreadPoolExecutor] = {}
 _CHUNK = 65536
 
 
-def _executor() -> ThreadPoolExecutor:
-    global _pool
-    if _pool is None:
-        _pool = ThreadPoolExecutor(SPAWN_THREADS, thread_name_prefix="moorage-spawn")
-    return _pool
+def _executor(netns: int) -> ThreadPoolExecutor:
+    """The pool for callers in network namespace ``netns``: its threads are started by
+    those callers' submissions, so they are in that namespace too."""
+    pool = _pools.get(netns)
+    if pool is None:
+        pool = _pools[netns] = ThreadPoolExecutor(SPAWN_THREADS,
+                                                  thread_name_prefix="moorage-spawn")
+    return pool
 
 
 def _netns() -> int:
@@ -106,7 +110,8 @@ async def spawn(
     }
     loop = asyncio.get_running_loop()
     argv = list(argv)
-    future = loop.run_in_executor(_executor(), _popen_in, _netns(), argv, kwargs)
+    netns = _netns()
+    future = loop.run_in_executor(_executor(netns), _popen_in, netns, argv, kwargs)
     try:
         spawned = await asyncio.shield(future)
     except asyncio.CancelledError:
