@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import re
@@ -38,8 +39,16 @@ def busybox_ref(registry: Registry) -> str:
 @pytest.fixture
 def env(tmp_path: Path, node_ns: str, cni_dir: Path, registry: Registry,
         busybox_ref: str) -> Iterator[Env]:
-    d = make_daemon(tmp_path, node_ns, cni_dir,
-                    ["--config", str(_config(tmp_path))])
+    with running_env(tmp_path, node_ns, cni_dir, registry, busybox_ref) as e:
+        yield e
+
+
+@contextlib.contextmanager
+def running_env(base: Path, node_ns: str, cni_dir: Path, registry: Registry,
+                busybox_ref: str) -> Iterator[Env]:
+    """A daemon with state in ``base`` running in the node namespace, busybox pulled; at
+    the end every pod is removed and the daemon stopped."""
+    d = make_daemon(base, node_ns, cni_dir, ["--config", str(_config(base))])
     d.registries_conf_text = insecure_conf(registry)
     # The registry listens on the machine's loopback; the pods' daemon runs in the node
     # namespace. Pull first from a daemon outside it, on the same state.
@@ -50,7 +59,7 @@ def env(tmp_path: Path, node_ns: str, cni_dir: Path, registry: Registry,
     d.stop()
     d.netns = node
     d.start()
-    e = Env(d, tmp_path, busybox_ref)
+    e = Env(d, base, busybox_ref)
     e.image_ref = image_ref
     try:
         yield e

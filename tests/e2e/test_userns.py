@@ -21,9 +21,7 @@ import grpc
 import pytest
 
 from moorage.cri.v1 import api_pb2 as pb
-from tests.e2e.conftest import make_daemon
-from tests.e2e.test_containers import Env, _config, busybox_ref, rpc_error
-from tests.e2e.test_images import insecure_conf
+from tests.e2e.test_containers import Env, busybox_ref, rpc_error, running_env
 from tests.fixtures.daemon import Daemon
 from tests.fixtures.registry import Registry
 
@@ -57,27 +55,8 @@ def searchable_tmp() -> Iterator[Path]:
 @pytest.fixture
 def uenv(searchable_tmp: Path, node_ns: str, cni_dir: Path, registry: Registry,
          busybox_ref: str) -> Iterator[Env]:
-    tmp = searchable_tmp
-    d = make_daemon(tmp, node_ns, cni_dir, ["--config", str(_config(tmp))])
-    d.registries_conf_text = insecure_conf(registry)
-    # Pull from outside the node namespace (the registry is on the machine's loopback).
-    node, d.netns = d.netns, None
-    d.start()
-    image_ref = d.images.PullImage(pb.PullImageRequest(
-        image=pb.ImageSpec(image=busybox_ref))).image_ref
-    d.stop()
-    d.netns = node
-    d.start()
-    e = Env(d, tmp, busybox_ref)
-    e.image_ref = image_ref
-    try:
+    with running_env(searchable_tmp, node_ns, cni_dir, registry, busybox_ref) as e:
         yield e
-    finally:
-        try:
-            for item in d.runtime.ListPodSandbox(pb.ListPodSandboxRequest()).items:
-                d.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=item.id))
-        finally:
-            d.stop()
 
 
 def run_pod(env: Env, name: str, userns: pb.UserNamespace | None, **ns: int) -> str:
