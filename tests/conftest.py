@@ -10,6 +10,8 @@ Also ``busybox_image`` (an ``Image`` for this machine, gzip layer).
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -98,11 +100,19 @@ def busybox_image() -> Image:
 @pytest.fixture(autouse=True, scope="session")
 def _no_leftover_monitor_servers() -> Iterator[None]:
     """Daemons of module-scoped fixtures and of tests that keep their state outside
-    ``tmp_path`` leave monitor servers too: reap every one the session started."""
+    ``tmp_path`` leave monitor servers too: reap every one the session started. Pods with
+    no cgroup parent live under ``/moorage``, which the daemon leaves in place (as CRI-O
+    its parent): the session removes it where it made it and it is empty."""
+    import glob
+
+    parents = [p for p in glob.glob("/sys/fs/cgroup/*/") if not os.path.isdir(p + "moorage")]
     yield
     from tests.fixtures.daemon import STARTED_RUNROOTS, kill_monitor_servers
 
     kill_monitor_servers(STARTED_RUNROOTS)
+    for parent in parents:
+        with contextlib.suppress(OSError):  # absent, or not empty: someone else's now
+            os.rmdir(parent + "moorage")
 
 
 @pytest.fixture(autouse=True)
@@ -110,8 +120,6 @@ def _no_leftover_processes(tmp_path: Path) -> Iterator[None]:
     """Kill what a test's daemons left running in its temp dir: monitor servers and
     monitors outlive the daemon by design, so a test's end must reap them."""
     yield
-    import contextlib
-    import os
     import signal
 
     prefix = str(tmp_path)
