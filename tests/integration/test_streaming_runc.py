@@ -204,21 +204,27 @@ async def test_tty_exec_with_resize(env: Env) -> None:
     assert proc.stdin is not None and proc.stdout is not None
     seen = b""
 
-    async def expect(text: bytes) -> None:
+    async def size_becomes(text: bytes) -> None:
+        # The client sends sizes on their own stream, concurrently with stdin (kubectl
+        # does the same), so a `stty size` typed at once may run before the size is
+        # applied: ask again until the terminal reports it.
         nonlocal seen
         async with asyncio.timeout(20):
             while text not in seen:
-                chunk = await proc.stdout.read(4096)  # type: ignore[union-attr]
-                assert chunk, seen
-                seen += chunk
+                proc.stdin.write(b"stty size\n")  # type: ignore[union-attr]
+                try:
+                    async with asyncio.timeout(0.5):
+                        while text not in seen:
+                            chunk = await proc.stdout.read(4096)  # type: ignore[union-attr]
+                            assert chunk, seen
+                            seen += chunk
+                except TimeoutError:
+                    continue
         seen = seen[seen.index(text) + len(text):]
 
-    proc.stdin.write(b"stty size\n")
-    await expect(b"33 111")
+    await size_becomes(b"33 111")
     proc.send_signal(signal.SIGUSR1)
-    await asyncio.sleep(0.5)  # the resize travels on its own stream
-    proc.stdin.write(b"stty size\n")
-    await expect(b"50 132")
+    await size_becomes(b"50 132")
     proc.stdin.write(b"exit 5\n")
     await asyncio.wait_for(proc.wait(), 20)
     res = json.loads(result.read_text())
