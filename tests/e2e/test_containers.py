@@ -319,8 +319,11 @@ def test_reopen_log_and_update_resources(env: Env) -> None:
     time.sleep(0.5)
     log.rename(log.with_name("0.log.1"))
     env.rt.ReopenContainerLog(pb.ReopenContainerLogRequest(container_id=cid))
-    time.sleep(0.5)
-    assert log.exists() and b"tick" in log.read_bytes()
+    assert log.exists()  # reopened before the call returns, as kubelet's rotation expects
+    deadline = time.monotonic() + 30
+    while b"tick" not in log.read_bytes():  # the next tick goes to the new file
+        assert time.monotonic() < deadline, "no output in the reopened log"
+        time.sleep(0.1)
     res = pb.LinuxContainerResources(memory_limit_in_bytes=96 << 20, cpu_shares=512)
     env.rt.UpdateContainerResources(pb.UpdateContainerResourcesRequest(
         container_id=cid, linux=res))
