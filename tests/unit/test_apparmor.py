@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 
+from moorage import log
 from moorage.container import apparmor
 from moorage.container.model import SecurityProfile
 from moorage.cri.v1 import api_pb2 as pb
@@ -148,14 +148,14 @@ def test_cri_conversion() -> None:
 
 def test_selinux_options_ignored_with_a_log_line() -> None:
     sec = {"selinux_options": ("system_u", "system_r", "container_t", "s0:c1,c2")}
-    with structlog.testing.capture_logs() as logs:
+    with log.capture() as logs:
         doc = build(spec=make_spec(sec=sec), options=opts(selinux_enabled=False))
     assert "selinuxLabel" not in doc["process"] and "mountLabel" not in doc["linux"]
     [entry] = [e for e in logs if e["event"] == "container.selinux_options_ignored"]
     assert entry["container_id"] == "c0ffee" and entry["container"] == "app"
     assert entry["options"] == "system_u:system_r:container_t:s0:c1,c2"
     assert entry["reason"] == "SELinux is disabled on this host"
-    with structlog.testing.capture_logs() as logs:
+    with log.capture() as logs:
         build()  # no options: nothing said
         build(spec=make_spec(sec={"selinux_options": ("", "", "", "")}))
     assert not [e for e in logs if e["event"] == "container.selinux_options_ignored"]
