@@ -20,6 +20,7 @@ from moorage.cri.v1 import api_pb2_grpc as pb_grpc
 from tests.e2e.conftest import make_daemon
 from tests.e2e.test_images import insecure_conf
 from tests.fixtures.daemon import MIB, Daemon, kill_monitor_servers
+from tests.fixtures.procs import has_arg, pids_where
 
 CONTAINERD = "/usr/bin/containerd"
 CTR = "/usr/bin/ctr"
@@ -261,24 +262,10 @@ disabled_plugins = {_toml_list(disabled)}
         self.proc = None
         # Shims of pods removed above are gone; a stray one (a failed removal) is ours:
         # it runs with our state dir in its command line.
-        for pid in _pids_with_arg(str(self.state)) + _pids_with_arg(str(self.socket)):
+        for pid in pids_where(lambda a: has_arg(a, self.state) or has_arg(a, self.socket)):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         shutil.rmtree(self.base / "ctr-mnt", ignore_errors=True)
-
-
-def _pids_with_arg(text: str) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if text.encode() in cmdline and int(entry) != os.getpid():
-            found.append(int(entry))
-    return found
 
 
 def _toml_list(items: list[str]) -> str:

@@ -42,6 +42,7 @@ from tests.fixtures.hostile_registry import (
     stall_before_headers,
 )
 from tests.fixtures.oci import Compression, Image, Layer, push_image
+from tests.fixtures.procs import has_arg, pids_where
 from tests.fixtures.registry import Registry
 
 MAX_LAYER = 8 * MIB
@@ -92,17 +93,7 @@ def fs_usage(d: Daemon) -> tuple[int, int]:
 
 def unpack_helpers(d: Daemon) -> list[int]:
     """Unpack helper processes working for this daemon."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"moorage.image.unpack" in cmdline and str(d.root).encode() in cmdline:
-            pids.append(int(entry))
-    return pids
+    return pids_where(lambda a: b"moorage.image.unpack" in a and has_arg(a, d.root))
 
 
 def mounts_under(path: Path) -> list[str]:

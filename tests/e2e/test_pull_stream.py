@@ -27,6 +27,7 @@ from tests.e2e.test_images import insecure_conf, pull, rpc_error
 from tests.e2e.test_pull_failures import assert_store_clean
 from tests.fixtures.daemon import Daemon
 from tests.fixtures.oci import Image, Layer, push_image
+from tests.fixtures.procs import pids_where
 from tests.fixtures.registry import Registry
 
 RegistryFactory = Callable[..., Registry]
@@ -48,18 +49,9 @@ def daemon_for(tmp_path: Path) -> Iterator[Callable[[Registry], Daemon]]:
 
 def _unpack_helpers(d: Daemon) -> list[int]:
     """Pids of the unpack helpers working for this daemon (read from /proc)."""
-    pids = []
     layers = str(d.root / "images/layers").encode()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"moorage.image.unpack" in argv and any(a.startswith(layers) for a in argv):
-            pids.append(int(entry))
-    return pids
+    return pids_where(
+        lambda a: b"moorage.image.unpack" in a and any(x.startswith(layers) for x in a))
 
 
 def _wait_for(what: str, check: Callable[[], bool], timeout: float = 60.0) -> None:

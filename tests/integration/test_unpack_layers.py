@@ -29,6 +29,7 @@ from moorage.image.unpacker import (
     UnpackResult,
     unpack_layer,
 )
+from tests.fixtures.procs import pids_where
 
 pytestmark = [
     pytest.mark.root,
@@ -562,17 +563,7 @@ async def test_unknown_compression(tmp_path: Path) -> None:
 
 def _helpers_for(dest: Path) -> list[int]:
     """Pids of unpack helpers working on ``dest`` (read from /proc; touches nothing)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"moorage.image.unpack" in cmdline and str(dest).encode() in cmdline:
-            pids.append(int(entry))
-    return pids
+    return pids_where(lambda a: b"moorage.image.unpack" in a and str(dest).encode() in a)
 
 
 async def test_cancel_kills_the_helper(tmp_path: Path) -> None:
