@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a Debian 12 machine as root, installing what it needs:
 #   sudo ./tests/run.sh [pytest args]
+#   sudo ./tests/run.sh --install-only      (what Dockerfile.test does at build time)
 # The integration tests use the real things: runc, overlayfs, a registry server
 # (Debian's docker-registry) on loopback, images built from busybox-static.
 set -euo pipefail
@@ -27,8 +28,18 @@ fi
 
 venv=${MOORAGE_TEST_VENV:-$here/.venv}
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-"$venv/bin/pip" install -q --upgrade pip >/dev/null
-"$venv/bin/pip" install -q -e ".[test]"
+# The package is installed editable: only a change of pyproject.toml needs pip again (and
+# the network), so a second run, or one in the Dockerfile.test image, starts testing at once.
+stamp="$venv/.moorage-pyproject.sha256"
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  "$venv/bin/pip" install -q --upgrade pip >/dev/null
+  "$venv/bin/pip" install -q -e ".[test]"
+  echo "$want" >"$stamp"
+fi
+if [ "${1:-}" = "--install-only" ]; then
+  exit 0
+fi
 
 status=0
 "$venv/bin/ruff" check src tests || status=1

@@ -52,6 +52,16 @@ def test_systemd_unit() -> None:
     assert service["KillMode"] == "process"  # containers and monitors survive restarts
     assert service["Restart"] == "on-failure"
     assert "ExecReload" in service and "WatchdogSec" in service
+    # Directives that make a private mount namespace, or that every container would
+    # inherit (seccomp filters, capability bounds, no_new_privs), break a runtime.
+    breaking = {"ProtectSystem", "ProtectHome", "PrivateTmp", "PrivateDevices",
+                "PrivateMounts", "ProtectKernelTunables", "ProtectKernelModules",
+                "ProtectKernelLogs", "ProtectControlGroups", "ProtectProc", "ReadOnlyPaths",
+                "InaccessiblePaths", "SystemCallFilter", "SystemCallArchitectures",
+                "RestrictRealtime", "LockPersonality", "ProtectClock", "RestrictNamespaces",
+                "MemoryDenyWriteExecute", "NoNewPrivileges", "CapabilityBoundingSet",
+                "RestrictSUIDSGID"}
+    assert not breaking & set(service), breaking & set(service)
 
 
 def test_cni_and_crictl_configs() -> None:
