@@ -297,8 +297,8 @@ class Daemon:
             _log.error("daemon.reload_failed", error=str(e))
             return
         old, changed = self.cfg, []
-        if new.log_level != old.log_level or new.log_format != old.log_format:
-            log.setup(new.log_level, new.log_format)
+        relog = new.log_level != old.log_level or new.log_format != old.log_format
+        if relog:
             changed.append("log_level")
         # registries.conf is re-read whether or not its path changed.
         try:
@@ -340,7 +340,13 @@ class Daemon:
                           if k != "registries_conf" and v != old_data["image"][k])
         self.cfg = new.model_copy(update={k: getattr(old, k) for k in ("api", "root", "runroot",
                                                                        "network")})
+        # The reload's own event is written under the more verbose of the two levels.
+        quieter = log.LEVELS[new.log_level] > log.LEVELS[old.log_level]
+        if relog and not quieter:
+            log.setup(new.log_level, new.log_format)
         _log.info("daemon.reloaded", changed=changed, needs_restart=restart)
+        if relog and quieter:
+            log.setup(new.log_level, new.log_format)
 
     async def stop(self) -> None:
         _log.info("daemon.stopping")

@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from moorage.cri.v1 import api_pb2 as pb
@@ -152,6 +153,33 @@ def test_sighup_reloads_live_options(tmp_path: Path) -> None:
             time.sleep(0.05)
         assert "alt" in handlers
         assert "daemon.reloaded" in text and "image.max_concurrent_downloads" in text
+    finally:
+        d.stop()
+
+
+def test_sighup_changes_the_log_level(tmp_path: Path) -> None:
+    d = Daemon(tmp_path / "d", log_level=None).start()  # info, from the defaults
+    try:
+        d.runtime.Version(pb.VersionRequest())
+        assert "method=Version" in d.log_path.read_text()  # an OK call logs at info
+        (d.base / "moorage.d" / "50-quiet.toml").write_text('log_level = "warning"\n')
+        assert d.proc is not None
+        d.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while "daemon.reloaded" not in d.log_path.read_text():
+            assert time.monotonic() < deadline, "no reload event"
+            time.sleep(0.05)
+        before = d.log_path.read_text()
+        d.runtime.Version(pb.VersionRequest())
+        with pytest.raises(grpc.RpcError) as e:
+            d.runtime.ContainerStatus(pb.ContainerStatusRequest(container_id=""))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        deadline = time.monotonic() + 30
+        while "method=ContainerStatus" not in d.log_path.read_text()[len(before):]:
+            assert time.monotonic() < deadline, "no warning for the refused call"
+            time.sleep(0.05)
+        after = d.log_path.read_text()[len(before):]
+        assert "method=Version" not in after  # info is below the new level
     finally:
         d.stop()
 
