@@ -328,6 +328,49 @@ def test_cni_failures_leave_nothing(tmp_path: Path, node_ns: str, cni_dir: Path)
         d.stop()
 
 
+def test_a_failed_del_is_retried_at_the_next_start(tmp_path: Path, node_ns: str,
+                                                   cni_dir: Path) -> None:
+    """RemovePodSandbox succeeds although a plugin's DEL fails (a pod never becomes
+    unremovable, as in CRI-O); the next daemon DELs the attachment again and the IP is
+    released."""
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    flag = tmp_path / "fail-del"
+    script = plugins / "delfail"
+    # Chained after bridge: ADD passes the previous result on; DEL fails while the flag is.
+    script.write_text(
+        f"#!{sys.executable}\n"
+        "import json, os, sys\n"
+        "conf = json.load(sys.stdin)\n"
+        "if os.environ['CNI_COMMAND'] == 'ADD':\n"
+        "    print(json.dumps(conf['prevResult']))\n"
+        f"elif os.environ['CNI_COMMAND'] == 'DEL' and os.path.exists({str(flag)!r}):\n"
+        "    print(json.dumps({'cniVersion': '1.0.0', 'code': 11, 'msg': 'injected DEL failure'}))\n"
+        "    sys.exit(1)\n")
+    script.chmod(0o755)
+    (cni_dir / "10-bridge.conflist").write_text(json.dumps(
+        bridge_conflist(tmp_path, [{"type": "delfail"}])))
+    d = make_daemon(tmp_path, node_ns, cni_dir, ["--cni-plugin-dir", str(plugins)]).start()
+    try:
+        pod = run_pod(d, pod_config("leaky"))
+        ip = pod_status(d, pod).status.network.ip
+        assert (tmp_path / "ipam" / "moorage-test" / ip).exists()
+        flag.touch()
+        d.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod))
+        assert not d.runtime.ListPodSandbox(pb.ListPodSandboxRequest()).items
+        assert "injected DEL failure" in d.log_path.read_text()
+        assert (tmp_path / "ipam" / "moorage-test" / ip).exists()  # still held
+        flag.unlink()
+        d.stop()
+        d.start()
+        assert "sandbox.network_released" in d.log_path.read_text()
+        assert not (tmp_path / "ipam" / "moorage-test" / ip).exists()
+        assert list((d.root / "network" / "cni-cache").iterdir()) == []
+        assert_node_clean(d, node_ns, tmp_path)
+    finally:
+        d.stop()
+
+
 def test_network_ready_follows_the_config_dir(tmp_path: Path, node_ns: str) -> None:
     empty = tmp_path / "late.d"
     empty.mkdir()

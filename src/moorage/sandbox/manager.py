@@ -384,8 +384,9 @@ class SandboxManager:
                 sb.network_attached = False
             except MoorageError as e:
                 # Retried on the next stop or remove; a pod is never left unremovable.
+                # On remove: released at the next start (_release_orphan_networks).
                 log_.warning("sandbox.network_teardown_failed", error=e.message,
-                             will_retry=not remove)
+                             will_retry="on stop or remove" if not remove else "at the next start")
                 if remove:
                     sb.network_attached = False
         if sb.shm_path:
@@ -442,7 +443,25 @@ class SandboxManager:
                 _log.info("sandbox.recover_notready", pod_sandbox_id=sb.id,
                           reason="namespaces or infra process gone")
                 await self._teardown(sb, remove=False)
+        await self._release_orphan_networks()
         await self.probe_userns()
+
+    async def _release_orphan_networks(self) -> None:
+        """DEL again the CNI attachments of pods that are gone: a pod is removed even when
+        its DEL fails (so that it never becomes unremovable), and its cached attachment,
+        with the IP it holds, is released here at the next start."""
+        cached = await asyncio.to_thread(self.cni.cached_sandboxes)
+        for sandbox_id in cached:
+            if sandbox_id in self._sandboxes:
+                continue
+            try:
+                await self.cni.detach(sandbox_id, None)
+            except MoorageError as e:
+                _log.warning("sandbox.network_release_failed", pod_sandbox_id=sandbox_id,
+                             error=e.message, will_retry="at the next start")
+            else:
+                _log.info("sandbox.network_released", pod_sandbox_id=sandbox_id,
+                          reason="the pod was removed before its CNI DEL succeeded")
 
     def _intact(self, sb: Sandbox) -> bool:
         pinned = self.pinned(sb)
