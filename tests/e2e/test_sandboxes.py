@@ -345,7 +345,8 @@ def test_a_failed_del_is_retried_at_the_next_start(tmp_path: Path, node_ns: str,
         "if os.environ['CNI_COMMAND'] == 'ADD':\n"
         "    print(json.dumps(conf['prevResult']))\n"
         f"elif os.environ['CNI_COMMAND'] == 'DEL' and os.path.exists({str(flag)!r}):\n"
-        "    print(json.dumps({'cniVersion': '1.0.0', 'code': 11, 'msg': 'injected DEL failure'}))\n"
+        "    print(json.dumps({'cniVersion': '1.0.0', 'code': 11,\n"
+        "                      'msg': 'injected DEL failure'}))\n"
         "    sys.exit(1)\n")
     script.chmod(0o755)
     (cni_dir / "10-bridge.conflist").write_text(json.dumps(

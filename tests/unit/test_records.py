@@ -56,3 +56,12 @@ def test_later_writer_wins_whatever_the_order(tmp_path: Path) -> None:
     assert records.read(other, "image") == {"n": 3}
     assert records.read(path, "image") == {"n": 4}
     assert not records._in_flight  # nothing is kept once every writer has run
+
+
+def test_load_all_removes_writes_a_crash_cut_short(tmp_path: Path) -> None:
+    records.write(tmp_path / "a.json", "thing", {"x": 1})
+    (tmp_path / ".a.json.k2j4h1x0.tmp").write_text('{"schema": 1, "ki')  # kill -9 here
+    (tmp_path / "notes.tmp").write_text("not ours")  # not an atomic_write temp file
+    assert [(p.name, r) for p, r in records.load_all(tmp_path, "thing")] == [
+        ("a.json", {"x": 1})]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "notes.tmp"]

@@ -50,6 +50,7 @@ from moorage.network.types import (
     NetworkNotReady,
 )
 from moorage.state import records
+from moorage.util.fs import remove_stale_temps
 
 __all__ = ["CNIManager"]
 
@@ -191,7 +192,9 @@ class CNIManager:
             return None
 
     def cached_sandboxes(self) -> list[str]:
-        """Sandbox ids with a cache record (to reconcile after a restart)."""
+        """Sandbox ids with a cache record (to reconcile at start, before any ADD or DEL
+        runs: the temp files of writes a crash cut short are removed)."""
+        remove_stale_temps(self.cache_dir)
         try:
             names = os.listdir(self.cache_dir)
         except FileNotFoundError:

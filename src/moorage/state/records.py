@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moorage.util.fs import atomic_write
+from moorage.util.fs import atomic_write, remove_stale_temps
 
 SCHEMA_VERSION = 1
 
@@ -87,9 +87,11 @@ def read(path: Path, kind: str) -> dict[str, Any]:
 
 
 def load_all(directory: Path, kind: str) -> Iterator[tuple[Path, dict[str, Any] | RecordError]]:
-    """Every ``*.json`` record of a directory; unusable ones are yielded as errors."""
+    """Every ``*.json`` record of a directory; unusable ones are yielded as errors. For the
+    start, before any writer runs: the temp files of writes a crash cut short are removed."""
     if not directory.is_dir():
         return
+    remove_stale_temps(directory)
     for path in sorted(directory.glob("*.json")):
         try:
             yield path, read(path, kind)

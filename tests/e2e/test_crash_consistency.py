@@ -1,0 +1,93 @@
+"""kill -9 of the daemon while pods and containers are being built: the next daemon
+reconciles everything, and removing what it reports leaves the node clean."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from moorage.cri.v1 import api_pb2 as pb
+from tests.e2e.conftest import in_ns
+from tests.e2e.test_containers import Env, busybox_ref, running_env  # noqa: F401
+from tests.fixtures.registry import Registry
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+
+PODS = 6
+
+
+def _build_pod(env: Env, k: int, stop: threading.Event) -> None:
+    """RunPodSandbox, then two containers created and started, as kubelet would; any call
+    may fail once the daemon is gone."""
+    name = f"crash{k}"
+    cfg = pb.PodSandboxConfig(
+        metadata=pb.PodSandboxMetadata(name=name, namespace="ns", uid=f"uid-{name}"),
+        hostname=name, log_directory=str(env.tmp / "logs" / name))
+    with contextlib.suppress(grpc.RpcError):
+        pod = env.rt.RunPodSandbox(pb.RunPodSandboxRequest(config=cfg), timeout=60)
+        for c in ("app", "side"):
+            if stop.is_set():
+                return
+            cid = env.rt.CreateContainer(pb.CreateContainerRequest(
+                pod_sandbox_id=pod.pod_sandbox_id, sandbox_config=cfg,
+                config=env.config(c, ["sleep", "1000"])), timeout=60).container_id
+            env.rt.StartContainer(pb.StartContainerRequest(container_id=cid), timeout=60)
+
+
+def _mounts_under(*paths: Path) -> list[str]:
+    text = Path("/proc/self/mountinfo").read_text()
+    return [line for line in text.splitlines() if any(f" {p}/" in line for p in paths)]
+
+
+def _entries(path: Path) -> list[str]:
+    return sorted(os.listdir(path)) if path.is_dir() else []
+
+
+@pytest.mark.parametrize("delay", [0.05, 0.2, 0.6])
+def test_kill9_while_pods_and_containers_are_built(
+        tmp_path: Path, node_ns: str, cni_dir: Path, registry: Registry,
+        busybox_ref: str, delay: float) -> None:  # noqa: F811
+    with running_env(tmp_path, node_ns, cni_dir, registry, busybox_ref) as env:
+        stop = threading.Event()
+        with concurrent.futures.ThreadPoolExecutor(PODS) as pool:
+            jobs = [pool.submit(_build_pod, env, k, stop) for k in range(PODS)]
+            time.sleep(delay)
+            env.d.kill9()
+            stop.set()
+            for job in jobs:
+                job.result()
+        env.d.start()
+        env.rt = env.d.runtime
+        # Whatever the new daemon reports can be removed, and then nothing is left.
+        for item in env.rt.ListPodSandbox(pb.ListPodSandboxRequest()).items:
+            env.rt.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=item.id))
+            env.rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=item.id))
+        for c in env.rt.ListContainers(pb.ListContainersRequest()).containers:
+            env.rt.RemoveContainer(pb.RemoveContainerRequest(container_id=c.id))
+        assert not env.rt.ListPodSandbox(pb.ListPodSandboxRequest()).items
+        assert not env.rt.ListContainers(pb.ListContainersRequest()).containers
+        d = env.d
+        assert _mounts_under(d.root, d.runroot) == []
+        for kind in ("net", "ipc", "uts"):
+            assert _entries(d.runroot / "ns" / kind) == [], kind
+        assert _entries(d.root / "sandboxes") == []
+        assert _entries(d.root / "containers") == []
+        assert [n for n in _entries(d.root / "overlay" / "containers")
+                if not n.startswith(".")] == []
+        assert _entries(d.root / "network" / "cni-cache") == []
+        runc = subprocess.run(["runc", "--root", str(d.runroot / "runtimes" / "runc"),
+                               "list", "-q"], capture_output=True, text=True, check=False)
+        assert runc.stdout.split() == []
+        assert "veth" not in in_ns(node_ns, "ip", "-o", "link")
+        ipam = tmp_path / "ipam"
+        held = [p.name for n in _entries(ipam) for p in (ipam / n).iterdir()
+                if p.name not in ("lock", "last_reserved_ip.0")] if ipam.is_dir() else []
+        assert held == []
