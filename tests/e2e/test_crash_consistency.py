@@ -15,6 +15,8 @@ import grpc
 import pytest
 
 from moorage.cri.v1 import api_pb2 as pb
+from moorage.cri.v1 import api_pb2_grpc as pb_grpc
+from moorage.sandbox import cgroups
 from tests.e2e.conftest import in_ns
 from tests.e2e.test_containers import Env, busybox_ref, running_env  # noqa: F401
 from tests.fixtures.registry import Registry
@@ -24,7 +26,8 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 PODS = 6
 
 
-def _build_pod(env: Env, k: int, stop: threading.Event) -> None:
+def _build_pod(env: Env, rt: pb_grpc.RuntimeServiceStub, k: int, stop: threading.Event
+               ) -> None:
     """RunPodSandbox, then two containers created and started, as kubelet would; any call
     may fail once the daemon is gone."""
     name = f"crash{k}"
@@ -32,14 +35,14 @@ def _build_pod(env: Env, k: int, stop: threading.Event) -> None:
         metadata=pb.PodSandboxMetadata(name=name, namespace="ns", uid=f"uid-{name}"),
         hostname=name, log_directory=str(env.tmp / "logs" / name))
     with contextlib.suppress(grpc.RpcError):
-        pod = env.rt.RunPodSandbox(pb.RunPodSandboxRequest(config=cfg), timeout=60)
+        pod = rt.RunPodSandbox(pb.RunPodSandboxRequest(config=cfg), timeout=60)
         for c in ("app", "side"):
             if stop.is_set():
                 return
-            cid = env.rt.CreateContainer(pb.CreateContainerRequest(
+            cid = rt.CreateContainer(pb.CreateContainerRequest(
                 pod_sandbox_id=pod.pod_sandbox_id, sandbox_config=cfg,
                 config=env.config(c, ["sleep", "1000"])), timeout=60).container_id
-            env.rt.StartContainer(pb.StartContainerRequest(container_id=cid), timeout=60)
+            rt.StartContainer(pb.StartContainerRequest(container_id=cid), timeout=60)
 
 
 def _mounts_under(*paths: Path) -> list[str]:
@@ -51,14 +54,26 @@ def _entries(path: Path) -> list[str]:
     return sorted(os.listdir(path)) if path.is_dir() else []
 
 
+def _default_parent_children() -> set[str]:
+    """The pod cgroups under moorage's default parent (pods that name no parent get one
+    there), in every hierarchy."""
+    parent = cgroups.PodCgroup(cgroups.Layout.detect(), cgroups.pod_cgroup_path("", "cgroupfs"))
+    return {f"{d}/{n}" for d in parent.dirs() for n in _entries(d) if (d / n).is_dir()}
+
+
 @pytest.mark.parametrize("delay", [0.05, 0.2, 0.6])
 def test_kill9_while_pods_and_containers_are_built(
         tmp_path: Path, node_ns: str, cni_dir: Path, registry: Registry,
         busybox_ref: str, delay: float) -> None:  # noqa: F811
     with running_env(tmp_path, node_ns, cni_dir, registry, busybox_ref) as env:
+        before = _default_parent_children()
         stop = threading.Event()
-        with concurrent.futures.ThreadPoolExecutor(PODS) as pool:
-            jobs = [pool.submit(_build_pod, env, k, stop) for k in range(PODS)]
+        # A channel of the builders' own: the fixture closes its channel when it kills
+        # the daemon, and grpc must not see a channel closed under calls in flight.
+        with grpc.insecure_channel(f"unix:{env.d.socket}") as channel, \
+                concurrent.futures.ThreadPoolExecutor(PODS) as pool:
+            rt = pb_grpc.RuntimeServiceStub(channel)
+            jobs = [pool.submit(_build_pod, env, rt, k, stop) for k in range(PODS)]
             time.sleep(delay)
             env.d.kill9()
             stop.set()
@@ -91,3 +106,5 @@ def test_kill9_while_pods_and_containers_are_built(
         held = [p.name for n in _entries(ipam) for p in (ipam / n).iterdir()
                 if p.name not in ("lock", "last_reserved_ip.0")] if ipam.is_dir() else []
         assert held == []
+        # The pod cgroups, and the infra processes (catatonit) that would keep them.
+        assert _default_parent_children() - before == set()

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from moorage.errors import FailedPrecondition, InvalidArgument
-from moorage.monitor import protocol
+from moorage.monitor import create, protocol
 from moorage.monitor.client import (
     CreateRequest,
     ExitStatus,
@@ -200,8 +200,10 @@ async def test_create_timeout_kills_the_runtime(client: MonitorClient, tmp_path:
 
 
 async def test_cancelled_create_kills_the_runtime(client: MonitorClient, tmp_path: Path) -> None:
+    """A runtime that does not finish within the grace period after its requester left."""
     marker = tmp_path / "runtime.pid"
-    runtime = _runtime(tmp_path, f"echo $$ > {marker}; exec sleep 30")
+    runtime = _runtime(tmp_path, f'[ "$3" = create ] || exit 0; echo $$ > {marker}; '
+                       "exec sleep 30")
     task = asyncio.ensure_future(client.create(_request(tmp_path, runtime)))
     for _ in range(500):
         if marker.exists() and marker.read_text().strip():
@@ -211,7 +213,31 @@ async def test_cancelled_create_kills_the_runtime(client: MonitorClient, tmp_pat
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert await _gone(runtime_pid)
+    assert await _gone(runtime_pid, timeout=create.ABANDONED_GRACE + 10)
+
+
+async def test_cancelled_create_finishes_then_deletes(client: MonitorClient,
+                                                      tmp_path: Path) -> None:
+    """A runtime killed halfway could leave what it made with no state to delete it by:
+    it is let finish, then ``delete --force`` undoes the container."""
+    calls = tmp_path / "calls"
+    runtime = _runtime(tmp_path, f'echo "$*" >> {calls}; [ "$3" = create ] || exit 0; '
+                       "sleep 0.5; echo $$ > pidfile")
+    task = asyncio.ensure_future(client.create(_request(tmp_path, runtime)))
+    for _ in range(500):
+        if calls.exists():
+            break
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    deadline = time.monotonic() + 10
+    while "delete" not in (calls.read_text() if calls.exists() else ""):
+        assert time.monotonic() < deadline, "no delete after the create"
+        await asyncio.sleep(0.02)
+    lines = calls.read_text().splitlines()
+    assert [line.split()[2] for line in lines] == ["create", "delete"]
+    assert lines[1].endswith(f"delete --force {_request(tmp_path, runtime).id}")
 
 
 async def test_the_server_restarts_when_it_is_gone(client: MonitorClient, tmp_path: Path) -> None:

@@ -662,24 +662,31 @@ class ContainerManager:
                 continue
             self._containers[c.id] = c
             self._by_key[_key(c, self.sandboxes)] = c.id
-            if c.state == State.CREATING or self.sandboxes.find(c.sandbox_id) is None:
-                _log.info("container.recover_cleanup", container_id=c.id,
-                          reason="half built" if c.state == State.CREATING else "pod gone")
-                await self._destroy(c)
-                continue
-            if c.state in (State.CREATED, State.RUNNING):
-                status = self.monitor.read_exit(self.state_dir(c))
-                if status is not None:
-                    await self._record_exit(c, status)
-                elif c.monitor_pid and _start_time(c.monitor_pid) == c.extra.get(
-                        "monitor_start"):
-                    self._watch(c)
-                else:
-                    # No monitor and no exit status: the node rebooted (or the monitor
-                    # was killed). Never report such a container as running.
-                    await self._record_exit(c, None)
-                    c.message = "the container's monitor is gone (node rebooted?)"
-                    await self._save(c)
+            try:
+                await self._reconcile(c)
+            except Exception as e:
+                # The daemon starts all the same; the container's removal tries again.
+                _log.error("container.recover_failed", container_id=c.id,
+                           error=e.message if isinstance(e, MoorageError) else repr(e))
+
+    async def _reconcile(self, c: Container) -> None:
+        if c.state == State.CREATING or self.sandboxes.find(c.sandbox_id) is None:
+            _log.info("container.recover_cleanup", container_id=c.id,
+                      reason="half built" if c.state == State.CREATING else "pod gone")
+            await self._destroy(c)
+            return
+        if c.state in (State.CREATED, State.RUNNING):
+            status = self.monitor.read_exit(self.state_dir(c))
+            if status is not None:
+                await self._record_exit(c, status)
+            elif c.monitor_pid and _start_time(c.monitor_pid) == c.extra.get("monitor_start"):
+                self._watch(c)
+            else:
+                # No monitor and no exit status: the node rebooted (or the monitor was
+                # killed). Never report such a container as running.
+                await self._record_exit(c, None)
+                c.message = "the container's monitor is gone (node rebooted?)"
+                await self._save(c)
 
 
 def _log_path(log_directory: str, log_path: str) -> str:

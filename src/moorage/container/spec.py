@@ -285,7 +285,7 @@ def cgroups_path(container_id: str, sandbox: SandboxView, driver: str) -> str:
     parent = sandbox.cgroup_parent
     if driver == "cgroupfs":
         parent = parent or cgroups.DEFAULT_CGROUPFS_PARENT
-        return f"{parent.rstrip('/')}/moorage-{container_id}"
+        return f"{parent.rstrip('/')}/{cgroups.OUR_PREFIX}{container_id}"
     if driver == "systemd":
         slice_name = posixpath.basename(parent.rstrip("/")) or cgroups.DEFAULT_SYSTEMD_PARENT
         if not slice_name.endswith(".slice"):

@@ -35,6 +35,7 @@ from moorage.monitor.protocol import (
     KIND_RUNTIME,
     MONITOR_PID,
     PIDFILE,
+    delete_argv,
     dumps,
     exit_code_of,
     loads,
@@ -76,7 +77,16 @@ class Refused(Exception):
 
 
 class Cancelled(Exception):
-    """The requester went away before the answer: undo and exit quietly."""
+    """The requester went away before the answer: undo and exit quietly.
+
+    The runtime is let finish first (for :data:`ABANDONED_GRACE` seconds at most): a
+    ``runc create`` killed halfway leaves what it had made (its cgroup, a bind mount of its
+    own binary in its state dir) with no state that ``runc delete`` could find. Then
+    ``delete --force`` undoes whatever it created."""
+
+
+#: How long a runtime whose requester went away may still take to finish its create.
+ABANDONED_GRACE = 5.0
 
 
 def encode_report(req: dict[str, Any], pid: int, oom: int | None) -> bytes:
@@ -154,6 +164,16 @@ def kill_children(reaped: dict[int, int] | None = None) -> None:
             reaped[pid] = status
 
 
+def undo_create(req: dict[str, Any]) -> None:
+    """``runtime delete --force`` the container (whatever its create got to), and wait."""
+    try:
+        pid = os.posix_spawn(req["runtime"], delete_argv(req), RUNTIME_ENV,
+                             setsigmask=(), setsigdef=RESET_SIGNALS)
+        os.waitpid(pid, 0)
+    except OSError:
+        pass
+
+
 def reply(conn: int, doc: dict[str, Any]) -> None:
     """Answer the requester (blocking, bounded by the socket's buffer)."""
     data = dumps(doc).encode() + b"\n"
@@ -194,6 +214,7 @@ class Worker:
         self.ends: list[int] = []
         self.reaped: dict[int, int] = {}
         self.wake_r = -1
+        self.abandoned = False  # the requester went away
 
     def run(self, conn: int) -> tuple[int, int | None]:
         """Create the container: (its pid, the cgroup's OOM kill count before it ran).
@@ -267,6 +288,8 @@ class Worker:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     kill_children(self.reaped)
+                    if self.abandoned:
+                        raise Cancelled()
                     raise CreateFailed(
                         f"{self.req['runtime']} create did not finish in {timeout:g}s; killed"
                     )
@@ -275,9 +298,12 @@ class Worker:
                         self._reap()
                     elif console is not None and fd == console.fileno():
                         self._take_console(console)
-                    elif fd == conn:
-                        kill_children(self.reaped)
-                        raise Cancelled()
+                    elif fd == conn and not self.abandoned:
+                        self.abandoned = True  # let the runtime finish (Cancelled)
+                        ep.unregister(conn)
+                        deadline = min(deadline, time.monotonic() + ABANDONED_GRACE)
+            if self.abandoned:
+                raise Cancelled()
             if console is not None and self.master < 0:
                 self._take_console(console)  # it connected, sent and exited between polls
         finally:
@@ -366,6 +392,7 @@ def work(line: bytes, conn: int, report: _socket.socket) -> NoReturn:
     log_fd, created_log = -1, False
     bound: list[str] = []
     req: dict[str, Any] = {}
+    answer: dict[str, Any] | None = None  # the error, sent once everything is undone
     try:
         try:
             req = parse_request(line)
@@ -382,15 +409,16 @@ def work(line: bytes, conn: int, report: _socket.socket) -> NoReturn:
             report.sendmsg([encode_report(req, pid, oom)], pack_fds(fds))
             code = 0
         except Cancelled:
+            undo_create(req)
             kill_children()
         except Refused as e:
-            reply(conn, {"error": str(e), "kind": KIND_INVALID})
+            answer = {"error": str(e), "kind": KIND_INVALID}
         except CreateFailed as e:
             kill_children()
-            reply(conn, {"error": str(e), "kind": KIND_RUNTIME})
+            answer = {"error": str(e), "kind": KIND_RUNTIME}
         except Exception as e:
             kill_children()
-            reply(conn, {"error": f"monitor: {describe(e)}", "kind": KIND_INTERNAL})
+            answer = {"error": f"monitor: {describe(e)}", "kind": KIND_INTERNAL}
         if code != 0:
             for name in bound:
                 _unlink(name)
@@ -399,5 +427,7 @@ def work(line: bytes, conn: int, report: _socket.socket) -> NoReturn:
                     os.unlink(req["log_path"])
             except OSError:
                 pass
+        if answer is not None:
+            reply(conn, answer)
     finally:
         os._exit(code)

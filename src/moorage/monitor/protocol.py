@@ -110,12 +110,22 @@ def request_problem(req: Any) -> str | None:
     return None
 
 
-def runtime_argv(req: dict[str, Any], console_socket: str | None) -> list[str]:
-    """``<runtime> [--root R] [runtime_args...] create --bundle B --pid-file P [...] <id>``."""
+def _runtime(req: dict[str, Any]) -> list[str]:
+    """``<runtime> [--root R] [runtime_args...]``."""
     argv = [req["runtime"]]
     if req.get("runtime_root"):
         argv += ["--root", req["runtime_root"]]
-    argv += list(req.get("runtime_args", []))
+    return argv + list(req.get("runtime_args", []))
+
+
+def delete_argv(req: dict[str, Any]) -> list[str]:
+    """``<runtime> [--root R] [runtime_args...] delete --force <id>``."""
+    return [*_runtime(req), "delete", "--force", req["id"]]
+
+
+def runtime_argv(req: dict[str, Any], console_socket: str | None) -> list[str]:
+    """``<runtime> [--root R] [runtime_args...] create --bundle B --pid-file P [...] <id>``."""
+    argv = _runtime(req)
     argv += ["create", "--bundle", req["bundle"], "--pid-file", PIDFILE]
     if console_socket is not None:
         argv += ["--console-socket", console_socket]

@@ -31,6 +31,7 @@ import itertools
 import os
 import posixpath
 import re
+import signal
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -581,6 +582,19 @@ class PodCgroup:
             time.sleep(delay)
             delay *= 2
         return f"{directory}: busy"
+
+
+#: The prefix of our cgroups below a pod cgroup: each container's (runc makes it) and the
+#: infra process's.
+OUR_PREFIX = "moorage-"
+
+
+def kill_members(directory: Path) -> None:
+    """SIGKILL every process in the cgroup ``directory`` (blocking; the caller's rmdir
+    retries while they exit)."""
+    for pid in _read(directory / "cgroup.procs", missing="").split():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pid), signal.SIGKILL)
 
 
 # -- file helpers -----------------------------------------------------------------------------

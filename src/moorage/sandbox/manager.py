@@ -12,6 +12,7 @@ Reads are served from memory; each sandbox's mutations are serialised by its own
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -36,7 +37,7 @@ from moorage.util.idmap import IdMapping, map_id
 
 _log = log.get("moorage.sandbox")
 KIND = "sandbox"
-INFRA_CGROUP = "moorage-infra"
+INFRA_CGROUP = f"{cgroups.OUR_PREFIX}infra"
 
 
 @dataclass(frozen=True)
@@ -343,6 +344,46 @@ class SandboxManager:
             return None
         return mapped_root(sb.spec.userns.uids, sb.spec.userns.gids)
 
+    def _pod_cgroup(self, sb: Sandbox) -> str:
+        """The pod cgroup path, also for a record a crash cut short before it was saved."""
+        return sb.cgroup_path or self._cgroup_path(sb)
+
+    def _infra_cgroup_pids(self, sb: Sandbox) -> list[int]:
+        infra = cgroups.PodCgroup(self.layout, f"{self._pod_cgroup(sb)}/{INFRA_CGROUP}")
+        pids: set[int] = set()
+        for procs in infra.procs_files():
+            try:
+                pids.update(int(p) for p in procs.read_text().split())
+            except OSError:
+                continue
+        return sorted(pids)
+
+    def _owned_cgroup_dirs(self, sb: Sandbox) -> list[Path]:
+        """The cgroup directories this pod's removal must remove (blocking; the pod's
+        containers are gone by then): those recorded as created, and, whatever the record
+        says (a crash may have come before it was saved), the infra cgroup, the cgroups
+        runc made for containers whose create a crash cut short (``moorage-<id>``; what
+        still runs in them, a runtime's init that never became a container, is killed),
+        and, for a pod with no cgroup parent given, its own cgroup under ours."""
+        owned = {Path(p) for p in sb.cgroup_created}
+        path = self._pod_cgroup(sb)
+        for d in cgroups.PodCgroup(self.layout, path).dirs():
+            try:
+                names = os.listdir(d)
+            except OSError:
+                continue
+            for name in names:
+                if name == INFRA_CGROUP or (
+                        # (with the systemd driver a container's cgroup is systemd's scope)
+                        self.cgroup_driver == "cgroupfs" and name.startswith(cgroups.OUR_PREFIX)
+                        and (d / name).is_dir()):
+                    if name != INFRA_CGROUP:
+                        cgroups.kill_members(d / name)
+                    owned.add(d / name)
+            if not sb.spec.cgroup_parent:
+                owned.add(d)
+        return sorted(owned)
+
     def _cgroup_path(self, sb: Sandbox) -> str:
         driver = self.cgroup_driver
         if sb.spec.cgroup_parent:
@@ -377,6 +418,11 @@ class SandboxManager:
         if sb.infra_pid is not None:
             await namespaces.stop_infra(sb.infra_pid, sb.infra_start_time)
             sb.infra_pid = sb.infra_start_time = None
+        elif sb.spec.pid == Mode.POD:
+            # A crash between starting the infra process and recording its pid: it is the
+            # only process ever put in the pod's infra cgroup.
+            for pid in await asyncio.to_thread(self._infra_cgroup_pids, sb):
+                await namespaces.stop_infra(pid)
         pinned = self.pinned(sb)
         if sb.network_attached:
             try:
@@ -389,8 +435,11 @@ class SandboxManager:
                              will_retry="on stop or remove" if not remove else "at the next start")
                 if remove:
                     sb.network_attached = False
-        if sb.shm_path:
-            await asyncio.to_thread(files.unmount, Path(sb.shm_path))
+        # The run dir and its /dev/shm by their paths, which follow from the id: a crash
+        # may have come after the mount and before the record said so.
+        run_dir = self.paths.run / sb.id
+        if sb.shm_path or sb.spec.ipc != Mode.NODE:
+            await asyncio.to_thread(files.unmount, Path(sb.shm_path or run_dir / "shm"))
         await namespaces.unpin(pinned)
         if not remove:
             if sb.state != State.NOTREADY:
@@ -398,14 +447,14 @@ class SandboxManager:
                 log_.info("sandbox.stopped")
             await self._save(sb)
             return
-        if sb.cgroup_created:
-            pod_cgroup = cgroups.PodCgroup(self.layout, sb.cgroup_path)
+        owned = await asyncio.to_thread(self._owned_cgroup_dirs, sb)
+        if owned:
+            pod_cgroup = cgroups.PodCgroup(self.layout, self._pod_cgroup(sb))
             try:
-                await asyncio.to_thread(pod_cgroup.remove, [Path(p) for p in sb.cgroup_created])
+                await asyncio.to_thread(pod_cgroup.remove, owned)
             except MoorageError as e:
                 log_.warning("sandbox.cgroup_remove_failed", error=e.message)
-        if sb.files_dir:
-            await asyncio.to_thread(remove_tree, Path(sb.files_dir))
+        await asyncio.to_thread(remove_tree, Path(sb.files_dir or run_dir))
         await asyncio.to_thread(
             (self.paths.records / f"{sb.id}.json").unlink, missing_ok=True
         )
@@ -435,16 +484,25 @@ class SandboxManager:
                 continue
             self._sandboxes[sb.id] = sb
             self._by_key[sb.spec.key] = sb.id
-            if sb.state == State.CREATING:
-                _log.info("sandbox.recover_cleanup", pod_sandbox_id=sb.id, reason="half built")
-                sb.network_attached = not sb.spec.host_network
-                await self._teardown(sb, remove=True)
-            elif sb.state == State.READY and not self._intact(sb):
-                _log.info("sandbox.recover_notready", pod_sandbox_id=sb.id,
-                          reason="namespaces or infra process gone")
-                await self._teardown(sb, remove=False)
+            try:
+                await self._reconcile(sb)
+            except Exception as e:
+                # The daemon starts all the same: the pod stays listed (not ready), and its
+                # removal, or the next start, tries again.
+                _log.error("sandbox.recover_failed", pod_sandbox_id=sb.id,
+                           error=e.message if isinstance(e, MoorageError) else repr(e))
         await self._release_orphan_networks()
         await self.probe_userns()
+
+    async def _reconcile(self, sb: Sandbox) -> None:
+        if sb.state == State.CREATING:
+            _log.info("sandbox.recover_cleanup", pod_sandbox_id=sb.id, reason="half built")
+            sb.network_attached = not sb.spec.host_network
+            await self._teardown(sb, remove=True)
+        elif sb.state == State.READY and not self._intact(sb):
+            _log.info("sandbox.recover_notready", pod_sandbox_id=sb.id,
+                      reason="namespaces or infra process gone")
+            await self._teardown(sb, remove=False)
 
     async def _release_orphan_networks(self) -> None:
         """DEL again the CNI attachments of pods that are gone: a pod is removed even when
