@@ -126,8 +126,13 @@ def _profiled(d: Daemon, out: Path) -> Daemon:
             i = argv.index(sys.executable)
             return [*argv[:i + 1], "-m", "cProfile", "-o", str(out), *argv[i + 1:]]
 
-    p = Profiled(d.base, d.extra_args, d.registries_conf_text, d.config_text, d.netns)
+    p = Profiled(d.base, extra_args=d.extra_args, registries_conf_text=d.registries_conf_text,
+                 config_text=d.config_text, netns=d.netns, log_level=d.log_level)
     return p
+
+
+#: Where containerd's CNI library keeps its cache of results (its default).
+LIBCNI_CACHE = Path("/var/lib/cni")
 
 
 class Containerd(Runtime):
@@ -140,6 +145,7 @@ class Containerd(Runtime):
     def __init__(self, node: Node) -> None:
         super().__init__(node)
         self.proc: subprocess.Popen[bytes] | None = None
+        self._made_cni_cache = False
 
     @property
     def socket(self) -> Path:
@@ -203,6 +209,9 @@ disabled_plugins = {_toml_list(disabled)}
 
     def start(self) -> None:
         self.base.mkdir(parents=True, exist_ok=True)
+        # containerd's CNI library caches results there (not configurable): removed at
+        # stop if this run made it.
+        self._made_cni_cache = not LIBCNI_CACHE.exists()
         conf = self.base / "config.toml"
         conf.write_text(self.config())
         log = open(self.base / "containerd.log", "ab")  # noqa: SIM115 - the process's life
@@ -266,6 +275,10 @@ disabled_plugins = {_toml_list(disabled)}
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         shutil.rmtree(self.base / "ctr-mnt", ignore_errors=True)
+        if self._made_cni_cache:  # empty once the pods are gone; never another's entries
+            for d in (LIBCNI_CACHE / "results", LIBCNI_CACHE):
+                with contextlib.suppress(OSError):
+                    d.rmdir()
 
 
 def _toml_list(items: list[str]) -> str:
