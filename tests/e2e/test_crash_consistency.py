@@ -17,8 +17,8 @@ import pytest
 from moorage.cri.v1 import api_pb2 as pb
 from moorage.cri.v1 import api_pb2_grpc as pb_grpc
 from moorage.sandbox import cgroups
-from tests.e2e.conftest import in_ns
 from tests.e2e.test_containers import Env, busybox_ref, running_env  # noqa: F401
+from tests.e2e.test_sandboxes import assert_node_clean
 from tests.fixtures.registry import Registry
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
@@ -90,10 +90,8 @@ def test_kill9_while_pods_and_containers_are_built(
         assert not env.rt.ListPodSandbox(pb.ListPodSandboxRequest()).items
         assert not env.rt.ListContainers(pb.ListContainersRequest()).containers
         d = env.d
-        assert _mounts_under(d.root, d.runroot) == []
-        for kind in ("net", "ipc", "uts"):
-            assert _entries(d.runroot / "ns" / kind) == [], kind
-        assert _entries(d.root / "sandboxes") == []
+        assert_node_clean(d, node_ns, tmp_path)  # pins, mounts, veths, IPs, pod records
+        assert _mounts_under(d.root) == []
         assert _entries(d.root / "containers") == []
         assert [n for n in _entries(d.root / "overlay" / "containers")
                 if not n.startswith(".")] == []
@@ -101,10 +99,5 @@ def test_kill9_while_pods_and_containers_are_built(
         runc = subprocess.run(["runc", "--root", str(d.runroot / "runtimes" / "runc"),
                                "list", "-q"], capture_output=True, text=True, check=False)
         assert runc.stdout.split() == []
-        assert "veth" not in in_ns(node_ns, "ip", "-o", "link")
-        ipam = tmp_path / "ipam"
-        held = [p.name for n in _entries(ipam) for p in (ipam / n).iterdir()
-                if p.name not in ("lock", "last_reserved_ip.0")] if ipam.is_dir() else []
-        assert held == []
         # The pod cgroups, and the infra processes (catatonit) that would keep them.
         assert _default_parent_children() - before == set()
