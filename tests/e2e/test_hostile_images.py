@@ -409,24 +409,29 @@ def _config_longer_than_declared(main: HostileRegistry, other: HostileRegistry) 
     return main.ref("evil/config-long")
 
 
-def _manifest_header_digest_lies(main: HostileRegistry, other: HostileRegistry) -> str:
-    image = small_image("header-digest")
-    main.serve_image("evil/header-digest", "1", image)
+def _bad_manifest_answer(main: HostileRegistry, name: str, reference: str = "1", *,
+                         headers: dict[str, str] | None = None, extra_length: int = 0,
+                         **answer: Any) -> str:
+    """``evil/<name>:1`` served well, except that its manifest, asked for by
+    ``reference``, is answered with ``respond(manifest, headers=..., **answer)``, whose
+    Content-Length claims ``extra_length`` bytes more than it has."""
+    image = small_image(name)
+    repo = f"evil/{name}"
+    main.serve_image(repo, "1", image)
     data = json.dumps(_manifest_json(image)).encode()
-    main.routes[main.manifest_path("evil/header-digest", "1")] = respond(data, headers={
-        "Content-Type": image.manifest_media_type("docker"),
-        "Docker-Content-Digest": "sha256:" + "e" * 64})
-    return main.ref("evil/header-digest")
+    main.routes[main.manifest_path(repo, reference)] = respond(
+        data, headers={"Content-Type": image.manifest_media_type("docker"), **(headers or {})},
+        length=len(data) + extra_length if extra_length else None, **answer)
+    return main.ref(repo, reference)
+
+
+def _manifest_header_digest_lies(main: HostileRegistry, other: HostileRegistry) -> str:
+    return _bad_manifest_answer(main, "header-digest",
+                                headers={"Docker-Content-Digest": "sha256:" + "e" * 64})
 
 
 def _manifest_by_digest_lies(main: HostileRegistry, other: HostileRegistry) -> str:
-    image = small_image("by-digest")
-    main.serve_image("evil/by-digest", "1", image)
-    asked = "sha256:" + "d" * 64
-    data = json.dumps(_manifest_json(image)).encode()
-    main.routes[main.manifest_path("evil/by-digest", asked)] = respond(
-        data, headers={"Content-Type": image.manifest_media_type("docker")})
-    return main.ref("evil/by-digest", asked)
+    return _bad_manifest_answer(main, "by-digest", "sha256:" + "d" * 64)
 
 
 def _flip(data: bytes) -> bytes:
@@ -451,13 +456,7 @@ def _layer_digest_lies(main: HostileRegistry, other: HostileRegistry) -> str:
 
 
 def _manifest_truncated(main: HostileRegistry, other: HostileRegistry) -> str:
-    image = small_image("manifest-cut")
-    main.serve_image("evil/manifest-cut", "1", image)
-    data = json.dumps(_manifest_json(image)).encode()
-    main.routes[main.manifest_path("evil/manifest-cut", "1")] = respond(
-        data, headers={"Content-Type": image.manifest_media_type("docker")},
-        length=len(data) + 1000)
-    return main.ref("evil/manifest-cut")
+    return _bad_manifest_answer(main, "manifest-cut", extra_length=1000)
 
 
 def _big_layer_image(label: str) -> Image:
@@ -513,13 +512,7 @@ def _redirect_not_http(main: HostileRegistry, other: HostileRegistry) -> str:
 
 
 def _stall_after_headers(main: HostileRegistry, other: HostileRegistry) -> str:
-    image = small_image("stall")
-    main.serve_image("evil/stall", "1", image)
-    data = json.dumps(_manifest_json(image)).encode()
-    main.routes[main.manifest_path("evil/stall", "1")] = respond(
-        data, headers={"Content-Type": image.manifest_media_type("docker")}, cut=20,
-        stall=True)
-    return main.ref("evil/stall")
+    return _bad_manifest_answer(main, "stall", cut=20, stall=True)
 
 
 def _stall_before_headers(main: HostileRegistry, other: HostileRegistry) -> str:

@@ -568,9 +568,9 @@ class PodCgroup:
     def _rmdir(self, directory: Path) -> str | None:
         delay = self.RMDIR_DELAY
         for attempt in range(self.RMDIR_TRIES):
-            pids = _read(directory / "cgroup.procs", missing="").split()
+            pids = members(directory)
             if pids:
-                return f"{directory} still holds processes {', '.join(pids[:5])}"
+                return f"{directory} still holds processes {', '.join(map(str, pids[:5]))}"
             try:
                 os.rmdir(directory)
                 return None
@@ -589,12 +589,17 @@ class PodCgroup:
 OUR_PREFIX = "moorage-"
 
 
+def members(directory: Path) -> list[int]:
+    """The pids in the cgroup ``directory`` (none if it is gone)."""
+    return [int(p) for p in _read(directory / "cgroup.procs", missing="").split()]
+
+
 def kill_members(directory: Path) -> None:
     """SIGKILL every process in the cgroup ``directory`` (blocking; the caller's rmdir
     retries while they exit)."""
-    for pid in _read(directory / "cgroup.procs", missing="").split():
+    for pid in members(directory):
         with contextlib.suppress(ProcessLookupError):
-            os.kill(int(pid), signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)
 
 
 # -- file helpers -----------------------------------------------------------------------------

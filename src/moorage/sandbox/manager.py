@@ -350,13 +350,7 @@ class SandboxManager:
 
     def _infra_cgroup_pids(self, sb: Sandbox) -> list[int]:
         infra = cgroups.PodCgroup(self.layout, f"{self._pod_cgroup(sb)}/{INFRA_CGROUP}")
-        pids: set[int] = set()
-        for procs in infra.procs_files():
-            try:
-                pids.update(int(p) for p in procs.read_text().split())
-            except OSError:
-                continue
-        return sorted(pids)
+        return sorted({pid for d in infra.dirs() for pid in cgroups.members(d)})
 
     def _owned_cgroup_dirs(self, sb: Sandbox) -> list[Path]:
         """The cgroup directories this pod's removal must remove (blocking; the pod's
@@ -373,13 +367,14 @@ class SandboxManager:
             except OSError:
                 continue
             for name in names:
-                if name == INFRA_CGROUP or (
-                        # (with the systemd driver a container's cgroup is systemd's scope)
-                        self.cgroup_driver == "cgroupfs" and name.startswith(cgroups.OUR_PREFIX)
-                        and (d / name).is_dir()):
-                    if name != INFRA_CGROUP:
-                        cgroups.kill_members(d / name)
-                    owned.add(d / name)
+                child = d / name
+                if name == INFRA_CGROUP:
+                    owned.add(child)
+                # (with the systemd driver a container's cgroup is systemd's scope)
+                elif (self.cgroup_driver == "cgroupfs" and name.startswith(cgroups.OUR_PREFIX)
+                      and child.is_dir()):
+                    cgroups.kill_members(child)
+                    owned.add(child)
             if not sb.spec.cgroup_parent:
                 owned.add(d)
         return sorted(owned)

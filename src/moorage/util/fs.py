@@ -52,21 +52,17 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600, *, durable: bool = 
         fsync_dir(path.parent)
 
 
-def remove_stale_temps(directory: Path) -> list[str]:
+def remove_stale_temps(directory: Path) -> None:
     """Remove the temp files of :func:`atomic_write` calls that a crash interrupted (names
-    ``.<name>.<random>.tmp``); returns their names. Only while no writer can run in
-    ``directory`` (at start)."""
-    removed: list[str] = []
+    ``.<name>.<random>.tmp``). Only while no writer can run in ``directory`` (at start)."""
     try:
         names = os.listdir(directory)
     except FileNotFoundError:
-        return removed
+        return
     for name in names:
         if name.startswith(".") and name.endswith(".tmp"):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(directory / name)
-                removed.append(name)
-    return removed
 
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
