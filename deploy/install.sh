@@ -17,8 +17,11 @@ fi
 
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
+# apparmor: its parser loads moorage's default profile where the kernel enables AppArmor
+# (Debian's kernels do), which the daemon needs to start there. procps: the unit's
+# ExecReload runs its kill.
 apt-get install -y -qq python3 python3-venv runc conmon containernetworking-plugins \
-  catatonit iptables iproute2 >/dev/null
+  catatonit iptables iproute2 apparmor procps >/dev/null
 
 python3 -m venv "$prefix"
 "$prefix/bin/pip" install -q --upgrade pip
