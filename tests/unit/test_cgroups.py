@@ -588,7 +588,8 @@ def test_v2_apply(v2: FakeCgroupfs) -> None:
         (Resources(memory_limit=1000), [("memory.max", "1000")]),
         (
             Resources(memory_limit=1000, memory_swap_limit=1000),
-            [("memory.max", "1000")],  # swap 0: nothing to write (runc)
+            # memory+swap equal to memory: no swap, so 0 is written (runc's fs2 does too)
+            [("memory.swap.max", "0"), ("memory.max", "1000")],
         ),
         (
             Resources(memory_limit=1000, memory_swap_limit=-1),

@@ -527,7 +527,9 @@ class PodCgroup:
             _write(d / "cpu.weight", str(cpu_weight(res.cpu_shares)))
         if res.memory_limit or res.memory_swap_limit:
             swap = memory_swap_v2(res.memory_swap_limit, res.memory_limit)
-            if swap:
+            # A swap limit equal to the memory limit (what kubelet sends when the pod may
+            # not swap) is "no swap": 0, written (runc does the same).
+            if swap or res.memory_swap_limit > 0:
                 value = _max(swap)
                 target = d / "memory.swap.max"
                 try:
