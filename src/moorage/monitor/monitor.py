@@ -59,6 +59,7 @@ from moorage.monitor.protocol import (
     STREAM_STDOUT,
     encode_exit,
     exit_code_of,
+    oom_kill_count,
     oom_killed,
     parse_ctl,
     read_oom_kills,
@@ -185,6 +186,9 @@ class Monitor:
         self.exit_status: int | None = None
         self.exited_at = 0
         self.oom_before: int | None = None
+        #: cgroup v2 ``memory.events``, watched while the container runs (see listen).
+        self.events_fd = -1
+        self.oom_seen: int | None = None
 
     # -- setting up ----------------------------------------------------------------------
 
@@ -276,6 +280,42 @@ class Monitor:
             self.ep.register(fd, _IN)
         if self.stdin_fd >= 0:
             self.ep.register(self.stdin_fd, 0)
+        self._watch_memory_events()
+
+    def _watch_memory_events(self) -> None:
+        """cgroup v2: watch the container's ``memory.events`` (the kernel signals each
+        change, as POLLPRI) and keep the last OOM kill count read. Its cgroup may be gone by
+        the time the container has exited and been reaped (the systemd driver's scope is
+        removed by systemd as soon as it is empty), so the count is read while it lives,
+        as conmon does. v1 has no such events; its cgroup stays until the runtime's delete.
+        """
+        if not self.memory_dir:
+            return
+        try:
+            self.events_fd = os.open(os.path.join(self.memory_dir, "memory.events"),
+                                     os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            self.ep.register(self.events_fd, select.EPOLLPRI)
+        except OSError:  # not a cgroup file (EPERM: no poll support)
+            os.close(self.events_fd)
+            self.events_fd = -1
+            return
+        self._on_memory_events()
+
+    def _on_memory_events(self) -> None:
+        """Re-read ``memory.events`` (which also re-arms its POLLPRI); stop watching once
+        the cgroup is gone."""
+        try:
+            count = oom_kill_count(os.pread(self.events_fd, 4096, 0).decode("ascii", "replace"))
+        except OSError:
+            self.ep.unregister(self.events_fd)
+            os.close(self.events_fd)
+            self.events_fd = -1
+            return
+        if count is not None:
+            self.oom_seen = max(count, self.oom_seen or 0)
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -298,6 +338,8 @@ class Monitor:
             self._on_output(fd)
         elif fd == self.wake_r:
             self._reap()
+        elif fd == self.events_fd:
+            self._on_memory_events()
         elif fd in self.clients:
             self._on_client(self.clients[fd], mask)
         elif fd == self.stdin_fd:
@@ -577,7 +619,12 @@ class Monitor:
             self._write_log(splitter.flush(ts))
         status = self.exit_status if self.exit_status is not None else 0
         code, sig = exit_code_of(status)
-        oom = oom_killed(self.oom_before, read_oom_kills(self.memory_dir))
+        if self.events_fd >= 0:
+            self._on_memory_events()
+        after = read_oom_kills(self.memory_dir)
+        if after is None or (self.oom_seen is not None and self.oom_seen > after):
+            after = self.oom_seen  # the cgroup went with the container
+        oom = oom_killed(self.oom_before, after)
         atomic_write(EXIT_FILE, encode_exit(code, self.exited_at, oom, sig))
         for name in (ATTACH_SOCKET, CTL_SOCKET):
             try:  # noqa: SIM105 (no contextlib here)
