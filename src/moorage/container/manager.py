@@ -290,7 +290,8 @@ class ContainerManager:
         runtime = self.runtimes[c.runtime_handler]
         created = await self.monitor.create(CreateRequest(
             id=c.id, bundle=str(state_dir), runtime=runtime.binary_path(),
-            runtime_root=str(runtime.root), runtime_args=[], state_dir=str(state_dir),
+            runtime_root=str(runtime.root), runtime_args=runtime.cgroup_args,
+            state_dir=str(state_dir),
             log_path=c.log_path or str(state_dir / "ctr.log"), tty=c.spec.tty,
             stdin=c.spec.stdin, stdin_once=c.spec.stdin_once, log_max_line=self.log_max_line,
             cgroup_memory_dir=self._memory_dir(c),
