@@ -134,9 +134,18 @@ class Node(Env):
     """test_containers' Env on the node's service, with pods placed as kubelet places them."""
 
     def __init__(self, svc: Service, tmp: Path, image: str, driver: str) -> None:
-        super().__init__(svc, tmp, image)  # type: ignore[arg-type]
         self.svc = svc
+        super().__init__(svc, tmp, image)  # type: ignore[arg-type]
         self.driver = driver
+
+    @property  # type: ignore[override]
+    def rt(self) -> pb_grpc.RuntimeServiceStub:
+        """The service's client: a restart of the service makes a new channel."""
+        return self.svc.runtime
+
+    @rt.setter
+    def rt(self, _stub: object) -> None:
+        pass  # Env sets it once; ours follows the service
 
     def kube_pod(self, name: str = "", qos: str = "burstable", uid: str = "",
                  **kw: object) -> tuple[str, str]:

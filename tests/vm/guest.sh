@@ -62,7 +62,8 @@ for part in "systemd tests/node" "cgroupfs tests/node/test_cgroups.py tests/node
   MOORAGE_NODE_LANE=$driver /opt/moorage-lane/bin/python -m pytest -p no:cacheprovider \
     -q -ra --junitxml="$out/$driver.xml" $files 2>&1 | tee "$out/$driver.log"
   rc=${PIPESTATUS[0]}
-  line=$(grep -E '^=+ .* in [0-9.]+s' "$out/$driver.log" | tail -1 | tr -d '=' | xargs)
+  line=$(grep -E '^(=+ )?[0-9]+ (passed|failed|skipped|errors?|deselected).* in [0-9.]+s' \
+         "$out/$driver.log" | tail -1 | tr -d '=' | xargs)
   note "part '$driver' (cgroup driver $driver): ${line:-no pytest summary} (exit $rc," \
        "$(secs "$began") s)"
   [ "$rc" -eq 0 ] || status=1

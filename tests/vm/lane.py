@@ -41,7 +41,7 @@ CACHE = Path(os.environ.get("MOORAGE_VM_CACHE", "/var/cache/moorage-vm"))
 #: Seconds the VM may run (boot, install, tests) before it is killed.
 TIMEOUT = float(os.environ.get("MOORAGE_VM_TIMEOUT", "1200"))
 #: Seconds a kernel under KVM gets to print its banner.
-KVM_PROBE = 15.0
+KVM_PROBE = 10.0
 RESULTS_SIZE = 64 << 20
 log = image.log
 
