@@ -600,9 +600,12 @@ def _factory(sink: _CappedSink) -> Callable[[], _CappedSink]:
 
 
 async def _kill_group_and_wait(proc: Process) -> None:
-    if proc.returncode is None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
+    """SIGKILL the command's whole process group, then reap the command. The group is
+    killed even when the command itself already exited: a child it left behind (one still
+    holding its stdout, which is why the command did not finish) is in that group. The
+    group's id cannot belong to anyone else while one of its members lives."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
     await proc.wait()
 
 
