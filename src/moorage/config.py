@@ -200,6 +200,28 @@ class ImageConfig(_Section):
         description="Most tar entries (files, directories, links...) one layer may hold; "
         "more fail the pull with RESOURCE_EXHAUSTED. 0 means no limit.",
     )
+    pinned_images: list[str] = Field(
+        [],
+        description="Images kubelet's image garbage collection keeps: ListImages and "
+        "ImageStatus report them pinned. Each entry is an exact name "
+        "(registry.k8s.io/pause:3.10), a glob ending in * (registry.k8s.io/pause*) or a "
+        "keyword between two * (*pause*), matched against every tag and digest name of an "
+        "image as CRI-O's pinned_images (docs/images.md). Re-read on SIGHUP.",
+    )
+
+    @field_validator("pinned_images")
+    @classmethod
+    def _pin_patterns(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            inner = pattern.removeprefix("*").removesuffix("*") if len(pattern) > 1 else ""
+            if not inner or any(c.isspace() for c in pattern) or "*" in inner:
+                raise ValueError(
+                    f"{pattern!r}: an image name, a name ending in * (glob) or a word between "
+                    "two * (keyword); * elsewhere, or nothing but *, is not a pattern"
+                )
+            if pattern.startswith("*") and not pattern.endswith("*"):
+                raise ValueError(f"{pattern!r}: a leading * needs a trailing one (*keyword*)")
+        return value
 
 
 class MetricsConfig(_Section):
