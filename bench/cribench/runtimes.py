@@ -93,8 +93,7 @@ class Moorage(Runtime):
                         ["--log-level", "info"])
         d.base.mkdir(parents=True, exist_ok=True)
         (d.base / "moorage.toml").write_text(
-            f'[image]\nregistries_certs_dir = "{d.certs_dir}"\n'
-            "[runtime]\nrestrict_oom_score_adj = true\n")
+            d.image_config() + "[runtime]\nrestrict_oom_score_adj = true\n")
         assert self.node.registry is not None
         d.registries_conf_text = insecure_conf(self.node.registry)
         if self.profile is not None:
@@ -127,7 +126,8 @@ def _profiled(d: Daemon, out: Path) -> Daemon:
             return [*argv[:i + 1], "-m", "cProfile", "-o", str(out), *argv[i + 1:]]
 
     p = Profiled(d.base, extra_args=d.extra_args, registries_conf_text=d.registries_conf_text,
-                 config_text=d.config_text, netns=d.netns, log_level=d.log_level)
+                 config_text=d.config_text, policy_text=d.policy_text, netns=d.netns,
+                 log_level=d.log_level)
     return p
 
 

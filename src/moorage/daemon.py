@@ -28,6 +28,7 @@ from moorage.errors import MoorageError
 from moorage.events import ContainerEvent, EventBroadcaster, watch_containers
 from moorage.image import registries
 from moorage.image.pinned import PinnedImages
+from moorage.image.policy import PolicyFiles
 from moorage.image.pull import Puller
 from moorage.image.registry import RegistryClient
 from moorage.image.store import ImageStore
@@ -93,7 +94,8 @@ def _systemd_is_init() -> bool:
 
 
 #: image.* keys that a SIGHUP applies.
-LIVE_IMAGE_KEYS = ("registries_conf", "pinned_images")
+LIVE_IMAGE_KEYS = ("registries_conf", "pinned_images", "signature_policy",
+                   "signature_policy_dir")
 #: runtime.* keys that a SIGHUP applies (with default_runtime).
 CONFINEMENT_KEYS = ("seccomp_use_default_when_empty", "seccomp_profile", "apparmor_profile")
 
@@ -167,6 +169,7 @@ class Daemon:
             max_manifest_size=cfg.image.max_manifest_size,
             max_layer_size=cfg.image.max_layer_size,
             max_layer_entries=cfg.image.max_layer_entries,
+            policies=PolicyFiles(cfg.image.signature_policy, cfg.image.signature_policy_dir),
         )
         overlay_dir = cfg.root / "overlay"
         if cfg.runtime.cgroup_manager == "systemd" and not _systemd_is_init():
@@ -317,6 +320,13 @@ class Daemon:
         if new.image.pinned_images != old.image.pinned_images:
             self.store.pinned = PinnedImages(new.image.pinned_images)
             changed.append("image.pinned_images")
+        policy_keys = ("signature_policy", "signature_policy_dir")
+        if any(getattr(new.image, k) != getattr(old.image, k) for k in policy_keys):
+            # The files themselves are read again whenever they change, SIGHUP or not.
+            self.puller.policies = PolicyFiles(new.image.signature_policy,
+                                               new.image.signature_policy_dir)
+            changed += [f"image.{k}" for k in policy_keys
+                        if getattr(new.image, k) != getattr(old.image, k)]
         if new.runtimes != old.runtimes or new.runtime.default_runtime != (
                 old.runtime.default_runtime):
             for name, handler in new.runtimes.items():

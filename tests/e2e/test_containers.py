@@ -48,7 +48,8 @@ def running_env(base: Path, node_ns: str, cni_dir: Path, registry: Registry,
                 busybox_ref: str) -> Iterator[Env]:
     """A daemon with state in ``base`` running in the node namespace, busybox pulled; at
     the end every pod is removed and the daemon stopped."""
-    d = make_daemon(base, node_ns, cni_dir, ["--config", str(_config(base))])
+    d = make_daemon(base, node_ns, cni_dir)
+    d.extra_args += ["--config", str(_config(d))]
     d.registries_conf_text = insecure_conf(registry)
     # The registry listens on the machine's loopback; the pods' daemon runs in the node
     # namespace. Pull first from a daemon outside it, on the same state.
@@ -71,10 +72,9 @@ def running_env(base: Path, node_ns: str, cni_dir: Path, registry: Registry,
             d.stop()
 
 
-def _config(tmp_path: Path) -> Path:
-    conf = tmp_path / "moorage.toml"
-    conf.write_text(f'[image]\nregistries_certs_dir = "{tmp_path / "certs.d"}"\n'
-                    "[runtime]\nrestrict_oom_score_adj = true\n")
+def _config(d: Daemon) -> Path:
+    conf = d.base.parent / "moorage.toml"
+    conf.write_text(d.image_config() + "[runtime]\nrestrict_oom_score_adj = true\n")
     return conf
 
 
@@ -451,12 +451,13 @@ def test_second_runtime_handler(tmp_path: Path, node_ns: str, cni_dir: Path,
     crun would be the natural second handler, but Debian 12's crun refuses cgroup v1
     hybrid hosts such as these test machines; a second runc handler proves the wiring.
     """
-    conf = _config(tmp_path)
+    d = make_daemon(tmp_path, node_ns, cni_dir)
+    conf = _config(d)
     runc = shutil.which("runc") or "/usr/sbin/runc"
     alt_root = tmp_path / "alt-root"
     conf.write_text(conf.read_text() + f'[runtimes.alt]\nruntime_path = "{runc}"\n'
                     f'runtime_root = "{alt_root}"\n')
-    d = make_daemon(tmp_path, node_ns, cni_dir, ["--config", str(conf)])
+    d.extra_args += ["--config", str(conf)]
     d.registries_conf_text = insecure_conf(registry)
     node, d.netns = d.netns, None
     d.start()

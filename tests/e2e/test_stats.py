@@ -56,7 +56,8 @@ def env(tmp_path: Path, node_ns: str, cni_dir: Path, registry: Registry,
         busybox_ref: str) -> Iterator[StatsEnv]:  # noqa: F811 - the fixture above
     """test_containers' Env, with the metrics endpoint on (on the machine's loopback for
     the daemon that pulls, then in the node namespace)."""
-    d = make_daemon(tmp_path, node_ns, cni_dir, ["--config", str(_config(tmp_path))])
+    d = make_daemon(tmp_path, node_ns, cni_dir)
+    d.extra_args += ["--config", str(_config(d))]
     d.registries_conf_text = insecure_conf(registry)
     node, d.netns = d.netns, None
     args = list(d.extra_args)

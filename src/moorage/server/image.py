@@ -116,7 +116,10 @@ class ImageService(pb_grpc.ImageServiceServicer):
         auth = request.auth
         creds = from_auth_config(auth.username, auth.password, auth.auth, auth.server_address,
                                  auth.identity_token, auth.registry_token)
-        image = await self.puller.pull(name, creds)
+        # The pod's namespace may select a per-namespace signature policy (kubelet sends
+        # the sandbox config; crictl pull does not).
+        namespace = request.sandbox_config.metadata.namespace
+        image = await self.puller.pull(name, creds, namespace)
         return pb.PullImageResponse(image_ref=image.id)
 
     @unary
