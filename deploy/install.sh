@@ -37,6 +37,11 @@ if [ ! -e /etc/containers/registries.conf ]; then
   install -d -m 0755 /etc/containers
   install -m 0644 "$here/deploy/config/registries.conf" /etc/containers/registries.conf
 fi
+# Every pull is checked against the signature policy; without one pulls fail (as in
+# CRI-O). Debian's containers-common ships this same accept-anything default.
+if [ ! -e /etc/containers/policy.json ]; then
+  install -D -m 0644 "$here/deploy/config/policy.json" /etc/containers/policy.json
+fi
 
 # A bridge network for pods, as CRI-O's packages ship one, unless a CNI config exists.
 install -d -m 0755 /etc/cni/net.d
