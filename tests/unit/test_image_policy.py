@@ -229,8 +229,23 @@ def test_payload_as_cosign_writes_it_and_with_annotations() -> None:
         sigstore.parse_payload(b'{"critical":{},"critical":{},"optional":null}', "s")
 
 
-def test_attachment_tag() -> None:
+def test_attachment_tag_and_layers() -> None:
     assert sigstore.attachment_tag(DIGEST) == "sha256-" + "a" * 64 + ".sig"
+    manifest = {"schemaVersion": 2, "layers": [
+        {"mediaType": sigstore.SIGNATURE_MEDIA_TYPE, "digest": DIGEST, "size": 250,
+         "annotations": {SIGNATURE_ANNOTATION: "c2ln"}},
+        {"mediaType": "application/vnd.in-toto+json", "digest": OTHER, "size": 9}]}
+    first, second = sigstore.attachment_layers(json.dumps(manifest).encode(), "a")
+    assert first == sigstore.Layer(sigstore.SIGNATURE_MEDIA_TYPE, DIGEST, 250,
+                                   {SIGNATURE_ANNOTATION: "c2ln"})
+    assert second.annotations == {}
+    for bad, why in ((b"[", "not valid JSON"), (b'{"manifests": []}', "no layers list"),
+                     (b'{"layers": [{"mediaType": 1}]}', "not a valid descriptor")):
+        with pytest.raises(sigstore.SignatureError, match=why):
+            sigstore.attachment_layers(bad, "a")
+    many = {"layers": [manifest["layers"][0]] * (sigstore.MAX_ATTACHMENTS + 5)}
+    assert len(sigstore.attachment_layers(json.dumps(many).encode(), "a")) == (
+        sigstore.MAX_ATTACHMENTS)
 
 
 def _enforce(policy: pol.Policy, ref: str, digests: tuple[str, ...],

@@ -326,15 +326,17 @@ class Puller:
         except sigstore.SignatureError as e:
             raise SignatureValidationFailed(f"signature attachment {e}") from None
         out = []
+        total = 0
         for i, layer in enumerate(layers):
             origin = f"{where} layer {i}"
             payload = b""
             if layer.media_type == sigstore.SIGNATURE_MEDIA_TYPE:
                 check_digest(layer.digest, origin)
-                if layer.size > sigstore.MAX_PAYLOAD_SIZE:
+                total += layer.size
+                if total > sigstore.MAX_PAYLOAD_SIZE:
                     raise SignatureValidationFailed(
-                        f"{origin}: payload of {layer.size} bytes is over the limit of "
-                        f"{sigstore.MAX_PAYLOAD_SIZE}")
+                        f"{origin}: the signature payloads of {where} add up to more than "
+                        f"{sigstore.MAX_PAYLOAD_SIZE} bytes")
                 payload = await self.client.get_blob_bytes(
                     source.endpoint, path, layer.digest, creds, layer.size)
             out.append(sigstore.Signature(layer.media_type, payload, layer.annotations,

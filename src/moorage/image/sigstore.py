@@ -36,7 +36,8 @@ from moorage.util.codec import unique_keys
 SIGNATURE_MEDIA_TYPE = "application/vnd.dev.cosign.simplesigning.v1+json"
 SIGNATURE_ANNOTATION = "dev.cosignproject.cosign/signature"
 PAYLOAD_TYPE = "cosign container image signature"
-#: Largest payload fetched (containers/image's limit for a signature body).
+#: Most bytes of signature payloads fetched from one attachment manifest
+#: (containers/image's limit for one signature body; a cosign payload is ~250 bytes).
 MAX_PAYLOAD_SIZE = 4 * 1024 * 1024
 #: Most layers of one attachment manifest looked at; a registry cannot make a pull
 #: download signatures without end.
