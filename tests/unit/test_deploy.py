@@ -72,24 +72,6 @@ def test_cni_and_crictl_configs() -> None:
     assert crictl["runtime-endpoint"] == f"unix://{config.ApiConfig().listen}"
 
 
-def test_registries_conf_example_parses() -> None:
-    from moorage.image.registries import RegistriesConfig
-
-    conf = RegistriesConfig.parse((DEPLOY / "config/registries.conf").read_text())
-    assert conf.unqualified_search_registries == ("docker.io",)
-
-
-def test_shipped_signature_policy_accepts_anything() -> None:
-    """install.sh and the kind image install it where a node has none (as Debian's
-    containers-common's): every docker image falls to its default."""
-    from moorage.image import policy
-    from moorage.image.reference import normalize
-
-    shipped = policy.parse((DEPLOY / "config/policy.json").read_text(), "policy.json")
-    scope, reqs = shipped.requirements_for(normalize("quay.io/any/image:1"))
-    assert scope == "default" and [r.type for r in reqs] == ["insecureAcceptAnything"]
-
-
 def test_configuration_reference_is_current() -> None:
     text = (ROOT / "docs/configuration.md").read_text()
     start = text.index("-->\n", text.index("<!-- generated")) + 4
