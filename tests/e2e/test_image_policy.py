@@ -253,3 +253,32 @@ def test_per_namespace_policy(daemon: Daemon, registry: Registry) -> None:
     req.sandbox_config.metadata.namespace = "open"
     image_id = daemon.images.PullImage(req, timeout=120).image_ref
     assert pull(daemon, ref) == image_id  # no pod namespace (crictl pull): the main policy
+
+
+def test_short_name_refused_at_one_search_registry_is_pulled_from_the_next(
+        tmp_path: Path, registry: Registry) -> None:
+    """As CRI-O tries its pull candidates in turn: the same registry under two names,
+    the first refused by its scope."""
+    other_name = f"localhost:{registry.port}"
+    conf = (f'unqualified-search-registries = ["{other_name}", "{registry.host}"]\n'
+            f'[[registry]]\nlocation = "{other_name}"\ninsecure = true\n'
+            f'[[registry]]\nlocation = "{registry.host}"\ninsecure = true\n')
+    push_image(registry, "policy/short", "v1", Image.busybox(labels={"p": "short"}))
+    d = Daemon(tmp_path / "d", registries_conf_text=conf).start()
+    try:
+        set_policy(d, {"default": [ACCEPT], "transports": {"docker": {other_name: [REJECT]}}})
+        image_id = pull(d, "policy/short:v1")
+        assert status(d, image_id).image.repo_tags == [registry.ref("policy/short", "v1")]
+        assert "image.policy_refused" in d.log_path.read_text()
+        # Refused at every candidate: the refusal is what the caller hears.
+        set_policy(d, {"default": [REJECT]})
+        e = rpc_error(pull, d, "policy/short:v2")
+        assert e.code() == grpc.StatusCode.NOT_FOUND  # no such tag anywhere: not a refusal
+        assert refused(d, f"{other_name}/policy/short:v1")
+        req = pb.PullImageRequest(image=pb.ImageSpec(image="policy/short:v1"))
+        e = rpc_error(d.images.PullImage, req)
+        assert e.code() == grpc.StatusCode.UNKNOWN
+        assert (e.details() or "").startswith(
+            f'SignatureValidationFailed: image "{other_name}/policy/short:v1"')
+    finally:
+        d.stop()
