@@ -32,13 +32,16 @@ header() {
   printf '# %s\n# Made by scripts/lock.sh (uv %s) from pyproject.toml: do not edit by hand.\n' \
     "$1" "$uv_version"
 }
+# uv names the temp file of the build requirements: name their source instead, so that a
+# lock made again from the same inputs is the same file.
+stable() { sed -E "s|-r $work/build.in\$|pyproject.toml [build-system] requires|" "$1"; }
 [ -f requirements.lock ] && cp requirements.lock "$work/all.txt"
 "${compile[@]}" "${upgrade[@]}" pyproject.toml "$work/build.in" --extra test -o "$work/all.txt"
 { header "The one lock: every Python package the daemon, the tests and the build install."
-  cat "$work/all.txt"; } >requirements.lock
+  stable "$work/all.txt"; } >requirements.lock
 "${compile[@]}" pyproject.toml "$work/build.in" -c requirements.lock -o "$work/daemon.txt"
 { header "The daemon's part of requirements.lock (same versions and hashes): deploy/install.sh."
-  cat "$work/daemon.txt"; } >requirements-daemon.lock
+  stable "$work/daemon.txt"; } >requirements-daemon.lock
 
 # The stubs, made with the locked grpcio-tools and protobuf.
 "$work/tool/bin/python" - "$work/gen.txt" <<'PY'

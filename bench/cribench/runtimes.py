@@ -124,7 +124,8 @@ def _profiled(d: Daemon, out: Path) -> Daemon:
             return [*argv[:i + 1], "-m", "cProfile", "-o", str(out), *argv[i + 1:]]
 
     p = Profiled(d.base, extra_args=d.extra_args, registries_conf_text=d.registries_conf_text,
-                 config_text=d.config_text, netns=d.netns, log_level=d.log_level)
+                 config_text=d.config_text, policy_text=d.policy_text, netns=d.netns,
+                 log_level=d.log_level)
     return p
 
 

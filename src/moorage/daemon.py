@@ -27,6 +27,8 @@ from moorage.cri.v1 import api_pb2_grpc as pb_grpc
 from moorage.errors import MoorageError
 from moorage.events import ContainerEvent, EventBroadcaster, watch_containers
 from moorage.image import registries
+from moorage.image.pinned import PinnedImages
+from moorage.image.policy import PolicyFiles
 from moorage.image.pull import Puller
 from moorage.image.registry import RegistryClient
 from moorage.image.store import ImageStore
@@ -91,6 +93,9 @@ def _systemd_is_init() -> bool:
     return Path("/run/systemd/system").is_dir()
 
 
+#: image.* keys that a SIGHUP applies.
+LIVE_IMAGE_KEYS = ("registries_conf", "pinned_images", "signature_policy",
+                   "signature_policy_dir")
 #: runtime.* keys that a SIGHUP applies (with default_runtime).
 CONFINEMENT_KEYS = ("seccomp_use_default_when_empty", "seccomp_profile", "apparmor_profile")
 
@@ -151,6 +156,7 @@ class Daemon:
         except Exception as e:
             raise StartError(f"registries_conf {cfg.image.registries_conf}: {e}") from e
         self.store = ImageStore(cfg.root / "images", reg_conf)
+        self.store.pinned = PinnedImages(cfg.image.pinned_images)
         await asyncio.to_thread(self.store.load)
         self.client = RegistryClient(
             certs_dir=cfg.image.registries_certs_dir,
@@ -163,6 +169,7 @@ class Daemon:
             max_manifest_size=cfg.image.max_manifest_size,
             max_layer_size=cfg.image.max_layer_size,
             max_layer_entries=cfg.image.max_layer_entries,
+            policies=PolicyFiles(cfg.image.signature_policy, cfg.image.signature_policy_dir),
         )
         overlay_dir = cfg.root / "overlay"
         if cfg.runtime.cgroup_manager == "systemd" and not _systemd_is_init():
@@ -310,6 +317,16 @@ class Daemon:
         if conf != self.store.registries_conf:
             self.store.registries_conf = conf
             changed.append("image.registries_conf")
+        if new.image.pinned_images != old.image.pinned_images:
+            self.store.pinned = PinnedImages(new.image.pinned_images)
+            changed.append("image.pinned_images")
+        policy_keys = ("signature_policy", "signature_policy_dir")
+        if any(getattr(new.image, k) != getattr(old.image, k) for k in policy_keys):
+            # The files themselves are read again whenever they change, SIGHUP or not.
+            self.puller.policies = PolicyFiles(new.image.signature_policy,
+                                               new.image.signature_policy_dir)
+            changed += [f"image.{k}" for k in policy_keys
+                        if getattr(new.image, k) != getattr(old.image, k)]
         if new.runtimes != old.runtimes or new.runtime.default_runtime != (
                 old.runtime.default_runtime):
             for name, handler in new.runtimes.items():
@@ -337,7 +354,7 @@ class Daemon:
                           if k not in ("default_runtime", *CONFINEMENT_KEYS)
                           and v != old_data["runtime"][k])
         restart += sorted(f"image.{k}" for k, v in new_data["image"].items()
-                          if k != "registries_conf" and v != old_data["image"][k])
+                          if k not in LIVE_IMAGE_KEYS and v != old_data["image"][k])
         self.cfg = new.model_copy(update={k: getattr(old, k) for k in ("api", "root", "runroot",
                                                                        "network")})
         # The reload's own event is written under the more verbose of the two levels.

@@ -57,7 +57,6 @@ class Image:
     layers: tuple[str, ...]  # diff_ids, lowest first
     config: ImageConfig
     blobs: list[str] = field(default_factory=list)  # manifest/index digests kept for it
-    pinned: bool = False
     pulled_at: float = 0.0
 
     def record(self) -> dict[str, Any]:
@@ -68,7 +67,6 @@ class Image:
             "size": self.size,
             "layers": list(self.layers),
             "blobs": self.blobs,
-            "pinned": self.pinned,
             "pulled_at": self.pulled_at,
         }
 
@@ -97,6 +95,8 @@ class ImageStore:
         self.holds: dict[str, int] = {}
         #: diff_ids that containers use (set by the daemon): never collected either.
         self.layers_in_use: Callable[[], set[str]] = set
+        #: Whether an image is pinned (``image.pinned_images``, set by the daemon).
+        self.pinned: Callable[[Image], bool] = _never
 
     # -- start-up ------------------------------------------------------------------------
 
@@ -144,7 +144,6 @@ class ImageStore:
             layers=layers,
             config=config,
             blobs=list(rec.get("blobs", [])),
-            pinned=bool(rec.get("pinned", False)),
             pulled_at=float(rec.get("pulled_at", 0.0)),
         )
 
@@ -331,6 +330,10 @@ class ImageStore:
             used += b
             inodes += n
         return FsUsage(str(self.root), used, inodes, time.time_ns())
+
+
+def _never(image: Image) -> bool:
+    return False
 
 
 def _dir_usage(directory: Path) -> tuple[int, int]:
