@@ -431,10 +431,7 @@ async def ws_port_prefixes(url: str, prefixes: int = 0
     the server closes (it does once every port's connection ended), or only the first
     ``prefixes`` messages (the echo server answers at an EOF v4 cannot send)."""
     async with ws_connect(ws_url(url), subprotocols=[V4]) as ws:  # type: ignore[list-item]
-        if prefixes:
-            got = [await ws.recv() for _ in range(prefixes)]
-        else:
-            got = [m async for m in ws]
+        got = [await ws.recv() for _ in range(prefixes)] if prefixes else [m async for m in ws]
     firsts: dict[int, bytes] = {}
     for m in got:
         assert isinstance(m, bytes)
