@@ -25,6 +25,7 @@ import pytest
 
 from moorage.cri.v1 import api_pb2 as pb
 from tests.e2e.test_containers import Env, busybox_ref, env  # noqa: F401 - fixtures
+from tests.fixtures.queryproxy import query_dropping_proxy
 from tests.interop.build import build, missing
 
 pytestmark = [
@@ -297,3 +298,39 @@ def test_port_forward_to_a_web_server(streams: Streams, env: Env) -> None:  # no
     url = env.rt.PortForward(pb.PortForwardRequest(pod_sandbox_id=pod)).url
     res, _ = streams.go(str(url), "-mode", "portforward", "-port", "9")
     assert "connection refused" in res["conns"][0]["error"].lower()
+    # crictl/critest -websocket-portforward: SPDY tunnelled in a WebSocket (KEP-4006)
+    url = env.rt.PortForward(pb.PortForwardRequest(pod_sandbox_id=pod)).url
+    res, _ = streams.go(str(url), "-mode", "portforward", "-tunnel", "-port", "8080",
+                        "-conns", "5", "-request", "GET /index.html HTTP/1.0\r\n\r\n")
+    assert res["protocol"] == "portforward.k8s.io"
+    assert [(c["head"], c["error"]) for c in res["conns"]] == [("HTTP/1.1 200 OK", "")] * 5
+    # kubectl over WebSocket through kubelet: the upgrade reaches the URL without the
+    # client's ?port=; the ports are the PortForward request's.
+    url = str(env.rt.PortForward(pb.PortForwardRequest(pod_sandbox_id=pod, port=[8080])).url)
+    host = url.split("/")[2]
+    assert streams.ns is not None
+    with query_dropping_proxy(host, ("nsenter", f"--net={streams.ns}")) as proxied:
+        out = subprocess.run(
+            ["nsenter", f"--net={streams.ns}", sys.executable, "-c", WS_PORT_FORWARD,
+             "ws" + url.replace(host, proxied)[len("http"):] + "?port=8080"],
+            capture_output=True, timeout=60, check=True).stdout
+    assert out.startswith(b"HTTP/1.1 200 OK") and PAGE in out
+
+
+#: A WebSocket port-forward client as client-go's e2e test makes it (v4.channel.k8s.io):
+#: the port on both channels first, then one HTTP/1.0 exchange on channel 0.
+WS_PORT_FORWARD = """
+import struct, sys
+from websockets.sync.client import connect
+with connect(sys.argv[1], subprotocols=["v4.channel.k8s.io"]) as ws:
+    assert ws.recv() == b"\\x00" + struct.pack("<H", 8080)
+    assert ws.recv() == b"\\x01" + struct.pack("<H", 8080)
+    ws.send(b"\\x00GET /index.html HTTP/1.0\\r\\n\\r\\n")
+    body = b""
+    for m in ws:
+        if m[0] == 0:
+            body += m[1:]
+        else:
+            sys.exit(m[1:].decode())
+sys.stdout.buffer.write(body)
+"""
