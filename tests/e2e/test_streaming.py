@@ -271,6 +271,28 @@ def test_attach_to_a_running_tty_container(streams: Streams, env: Env) -> None: 
     assert env.wait_state(cid, pb.CONTAINER_EXITED).state == pb.CONTAINER_EXITED
 
 
+def test_attach_ends_with_the_clients_stdin(streams: Streams, env: Env) -> None:  # noqa: F811
+    """``echo abcd1234 | kubectl run --attach --stdin --leave-stdin-open -- sh -c 'cat &&
+    echo stdin closed'``: the session ends with the client's stdin and the container keeps
+    running, its stdin open (CRI-O, containerd). With ``stdin_once`` the container's stdin
+    closes too, and the session lasts until the container exits."""
+    pod = env.pod()
+    cmd = ["sh", "-c", "cat && echo stdin closed"]
+    cid = env.run(pod, "open", cmd, stdin=True)
+    url = env.rt.Attach(pb.AttachRequest(container_id=cid, stdin=True, stdout=True,
+                                         stderr=True)).url
+    res, out = streams.go(str(url), "-stdin", "-stderr", stdin=b"abcd1234\n")
+    assert (out, exit_code(res)) == (b"abcd1234\n", 0)
+    assert env.status(cid).status.state == pb.CONTAINER_RUNNING
+    once = env.run(pod, "once", cmd, stdin=True, stdin_once=True)
+    url = env.rt.Attach(pb.AttachRequest(container_id=once, stdin=True, stdout=True,
+                                         stderr=True)).url
+    res, out = streams.go(str(url), "-stdin", "-stderr", stdin=b"abcd1234\n")
+    assert (out, exit_code(res)) == (b"abcd1234\nstdin closed\n", 0)
+    st = env.wait_state(once, pb.CONTAINER_EXITED)
+    assert (st.state, st.exit_code) == (pb.CONTAINER_EXITED, 0)
+
+
 # -- port forward ---------------------------------------------------------------------------
 
 
