@@ -15,7 +15,8 @@ fi
 need=()
 for pkg in python3-venv runc conmon containernetworking-plugins docker-registry busybox-static \
            apache2-utils catatonit iptables iproute2 util-linux criu \
-           golang-go golang-github-docker-spdystream-dev; do
+           golang-go golang-github-docker-spdystream-dev \
+           golang-github-gorilla-websocket-dev; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -178,6 +178,7 @@ class Daemon:
         self.cni = CNIManager(cfg.network.cni_config_dir, cfg.network.cni_plugin_dirs,
                               cfg.root / "network" / "cni-cache", cfg.network.cni_default_network)
         layout = await asyncio.to_thread(cgroups.Layout.detect)
+        _log.info("daemon.cgroups", **layout.describe())
         self.sandboxes = SandboxManager(
             Paths(cfg.root / "sandboxes", cfg.runroot / "sandboxes", cfg.runroot / "ns"),
             self.cni, layout,
@@ -205,7 +206,7 @@ class Daemon:
             images=self.store, sandboxes=self.sandboxes,
             storage=ContainerStorage(overlay_dir), monitor=self.monitor, runtimes=runtimes,
             spec_options=SpecOptions(
-                cgroup_driver=cfg.runtime.cgroup_manager, cgroup_v2=layout.version == 2,
+                cgroup_driver=cfg.runtime.cgroup_manager, cgroups=layout,
                 restrict_oom_score_adj=cfg.runtime.restrict_oom_score_adj,
                 rro_supported="rro" in features.get("mountOptions", []),
                 **confinement,
@@ -342,8 +343,19 @@ class Daemon:
         except MoorageError as e:
             _log.error("daemon.reload_failed", key="runtime seccomp/apparmor", error=str(e))
             return
+        # What the node's cgroups can enforce is probed again (a hugetlb hierarchy mounted
+        # since, huge pages of a new size): new pods and containers get it.
+        try:
+            layout = await asyncio.to_thread(cgroups.Layout.detect)
+        except (OSError, MoorageError) as e:
+            _log.error("daemon.reload_failed", key="cgroups", error=str(e))
+            return
+        if layout != self.sandboxes.layout:
+            changed.append("cgroups")
+            _log.info("daemon.cgroups", **layout.describe())
+        self.sandboxes.layout = layout
         self.containers.spec_options = dataclasses.replace(self.containers.spec_options,
-                                                           **confinement)
+                                                           cgroups=layout, **confinement)
         changed += [f"runtime.{k}" for k in CONFINEMENT_KEYS
                     if getattr(new.runtime, k) != getattr(old.runtime, k)
                     or (k == "seccomp_profile" and new.runtime.seccomp_profile)]

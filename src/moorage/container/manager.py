@@ -619,7 +619,9 @@ class ContainerManager:
         async with self._lock(c.id):
             if c.state not in (State.CREATED, State.RUNNING):
                 raise FailedPrecondition(f"container {c.id} is {c.state.value}: cannot update")
-            doc = specgen.oci_resources(res, self.spec_options)
+            sb = self.sandboxes.find(c.sandbox_id)
+            doc = specgen.oci_resources(res, self.spec_options,
+                                        self.sandbox_view(sb) if sb is not None else None, c.id)
             await self.runtimes[c.runtime_handler].update(c.id, doc)
             c.resources = res
             c.spec = replace(c.spec, resources=res)
