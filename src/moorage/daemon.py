@@ -185,8 +185,6 @@ class Daemon:
         }
         self.monitor = MonitorClient(cfg.runroot)
         await self.monitor.ensure_server()
-        default_rt = runtimes[cfg.runtime.default_runtime]
-        features = await default_rt.features()
         try:
             confinement = await asyncio.to_thread(_confinement, cfg.runtime)
         except MoorageError as e:
@@ -200,12 +198,12 @@ class Daemon:
             spec_options=SpecOptions(
                 cgroup_driver=cfg.runtime.cgroup_manager, cgroup_v2=layout.version == 2,
                 restrict_oom_score_adj=cfg.runtime.restrict_oom_score_adj,
-                rro_supported="rro" in features.get("mountOptions", []),
                 **confinement,
             ),
             memory_cgroup_root=Path(memory_root) if memory_root else None,
             log_max_line=cfg.runtime.log_max_line_size,
         )
+        await self.containers.probe_runtimes()
         watch_containers(self.events, self.containers, self.sandboxes)
         metrics.track_containers(self.containers, self.events)
         await self.sandboxes.recover()
@@ -320,6 +318,9 @@ class Daemon:
             self.sandboxes.default_handler = new.runtime.default_runtime
             self.runtime_service.handlers = list(new.runtimes)
             changed.append("runtimes")
+        # Each handler's binary is asked for its features again: an upgraded runc may
+        # have gained (or a replaced one lost) what Status advertises.
+        await self.containers.probe_runtimes()
         try:
             confinement = await asyncio.to_thread(_confinement, new.runtime)
         except MoorageError as e:

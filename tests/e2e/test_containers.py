@@ -45,10 +45,14 @@ def env(tmp_path: Path, node_ns: str, cni_dir: Path, registry: Registry,
 
 @contextlib.contextmanager
 def running_env(base: Path, node_ns: str, cni_dir: Path, registry: Registry,
-                busybox_ref: str) -> Iterator[Env]:
-    """A daemon with state in ``base`` running in the node namespace, busybox pulled; at
-    the end every pod is removed and the daemon stopped."""
-    d = make_daemon(base, node_ns, cni_dir, ["--config", str(_config(base))])
+                busybox_ref: str, *, config_extra: str = "",
+                images: tuple[str, ...] = ()) -> Iterator[Env]:
+    """A daemon with state in ``base`` running in the node namespace, busybox (and
+    ``images``) pulled; ``config_extra`` is TOML appended to its config. At the end every
+    pod is removed and the daemon stopped."""
+    conf = _config(base)
+    conf.write_text(conf.read_text() + config_extra)
+    d = make_daemon(base, node_ns, cni_dir, ["--config", str(conf)])
     d.registries_conf_text = insecure_conf(registry)
     # The registry listens on the machine's loopback; the pods' daemon runs in the node
     # namespace. Pull first from a daemon outside it, on the same state.
@@ -56,6 +60,8 @@ def running_env(base: Path, node_ns: str, cni_dir: Path, registry: Registry,
     d.start()
     image_ref = d.images.PullImage(pb.PullImageRequest(
         image=pb.ImageSpec(image=busybox_ref))).image_ref
+    for ref in images:
+        d.images.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=ref)))
     d.stop()
     d.netns = node
     d.start()

@@ -210,8 +210,29 @@ class ContainerManager:
         runtime = self.runtimes.get(handler)
         if runtime is None:
             return False
-        namespaces = (await runtime.features()).get("linux", {}).get("namespaces") or []
+        linux = (await runtime.features()).get("linux")
+        namespaces = (linux.get("namespaces") if isinstance(linux, dict) else None) or []
         return "user" in namespaces
+
+    async def rro_supported(self, handler: str) -> bool:
+        """Whether containers of ``handler`` can have recursive read-only mounts: the
+        kernel has ``mount_setattr`` and the handler's runtime lists ``rro`` among the
+        mount options of its ``features`` (a runtime without that command has none)."""
+        runtime = self.runtimes.get(handler)
+        if runtime is None or not idmap.mount_setattr_available():
+            return False
+        return await runtime.supports_mount_option("rro")
+
+    async def probe_runtimes(self) -> None:
+        """Ask every handler's runtime for its ``features`` again (at start and on
+        SIGHUP) and log what each handler can do."""
+        for runtime in self.runtimes.values():
+            runtime.forget_features()
+        await asyncio.gather(*(rt.features() for rt in self.runtimes.values()))
+        for name in sorted(self.runtimes):
+            _log.info("container.runtime_features", handler=name,
+                      recursive_read_only_mounts=await self.rro_supported(name),
+                      user_namespaces=await self._runtime_has_userns(name))
 
     async def create(self, sandbox_id: str, spec: ContainerSpec) -> Container:
         if not spec.name:
@@ -285,8 +306,11 @@ class ContainerManager:
         state_dir = self.state_dir(c)
         c.bundle = str(state_dir)
         view = self.sandbox_view(sb)
+        options = replace(self.spec_options,
+                          rro_supported=await self.rro_supported(c.runtime_handler))
         # Everything up to the runtime's own create is blocking file work: one thread hop.
-        await asyncio.to_thread(self._prepare, c, sb, view, self._target_pid_ns(c.spec))
+        await asyncio.to_thread(self._prepare, c, sb, view, options,
+                                self._target_pid_ns(c.spec))
         runtime = self.runtimes[c.runtime_handler]
         created = await self.monitor.create(CreateRequest(
             id=c.id, bundle=str(state_dir), runtime=runtime.binary_path(),
@@ -302,7 +326,7 @@ class ContainerManager:
         self._watch(c)
 
     def _prepare(self, c: Container, sb: Sandbox, view: SandboxView,
-                 target_pid_ns: str | None) -> None:
+                 options: specgen.SpecOptions, target_pid_ns: str | None) -> None:
         """The bundle of ``c`` (in a thread): state dir, log dir, writable layer, user,
         ``config.json``; what it made is recorded on ``c`` or found by ``_destroy``."""
         state_dir = self.state_dir(c)
@@ -321,7 +345,7 @@ class ContainerManager:
                   "username": user.username}
         doc = specgen.build_spec(
             container_id=c.id, spec=runtime_spec, sandbox=view, image=c.image,
-            rootfs=rootfs.merged, user=user, options=self.spec_options,
+            rootfs=rootfs.merged, user=user, options=options,
             target_pid_ns=target_pid_ns,
         )
         c.extra["cgroups_path"] = doc.get("linux", {}).get("cgroupsPath", "")

@@ -65,8 +65,9 @@ containerd's ``internal/cri/opts``, unless said otherwise):
     ``/sys`` replaces everything below it). ``rslave`` needs the host path's mount to be
     shared or a slave, ``rshared`` needs it shared (read from ``/proc/self/mountinfo``), and
     they set ``linux.rootfsPropagation``. ``rro`` needs ``readonly``, private propagation,
-    and a runtime that has it (``SpecOptions.rro_supported``: else FailedPrecondition
-    starting ``RROUnsupported``, the CRI error string kubelet matches). The host path must
+    and a handler that has it (``SpecOptions.rro_supported``: the kernel's
+    ``mount_setattr`` and the runtime's ``rro``); each is checked first, an InvalidArgument
+    naming ``recursive_read_only`` (CRI-O and containerd refuse the same). The host path must
     exist (kubelet creates what it mounts); symbolic links in it are resolved.
     ``selinux_relabel`` is ignored (no SELinux support). All mounts are sorted by the depth
     of their container path (stable), so parents come first.
@@ -647,6 +648,8 @@ def _cri_mounts(
         if not os.path.exists(m.host_path):
             raise InvalidArgument(f"{field}.host_path: {m.host_path!r} does not exist")
         src = os.path.realpath(m.host_path)
+        if m.recursive_read_only:
+            _check_rro(m, field, options)
         opts = ["rbind"]
         if m.propagation == "private":
             opts.append("rprivate")
@@ -662,26 +665,33 @@ def _cri_mounts(
         else:
             raise InvalidArgument(f"{field}.propagation: unknown value {m.propagation!r}")
         if m.recursive_read_only:
-            if not m.readonly:
-                raise InvalidArgument(
-                    f"{field}.recursive_read_only: needs readonly (a recursive read-only "
-                    f"mount conflicts with a read-write one; host_path {m.host_path!r})"
-                )
-            if m.propagation != "private":
-                raise InvalidArgument(
-                    f"{field}.recursive_read_only: needs private propagation, got "
-                    f"{m.propagation} (host_path {m.host_path!r})"
-                )
-            if not options.rro_supported:
-                raise FailedPrecondition(
-                    f"RROUnsupported: {field}: recursive read-only mounts are not supported "
-                    f"by the runtime (host_path {m.host_path!r})"
-                )
             opts.append("rro")
         else:
             opts.append("ro" if m.readonly else "rw")
         out.append({"destination": dest, "type": "bind", "source": src, "options": opts})
     return out, root_propagation
+
+
+def _check_rro(m: Mount, field: str, options: SpecOptions) -> None:
+    """A recursive read-only mount is read-only, private, and needs the kernel and the
+    runtime to have it (the CRI's rules, CRI-O's and containerd's answers)."""
+    if not m.readonly:
+        raise InvalidArgument(
+            f"{field}.recursive_read_only: needs readonly (a recursive read-only mount "
+            f"conflicts with a read-write one; host_path {m.host_path!r})"
+        )
+    if m.propagation != "private":
+        raise InvalidArgument(
+            f"{field}.recursive_read_only: needs private propagation, got {m.propagation} "
+            f"(host_path {m.host_path!r})"
+        )
+    if not options.rro_supported:
+        raise InvalidArgument(
+            f"{field}.recursive_read_only: recursive read-only mounts are not supported by "
+            "this runtime handler (they need a kernel with mount_setattr, Linux 5.12, and an "
+            f"OCI runtime whose features list the rro mount option; host_path "
+            f"{m.host_path!r})"
+        )
 
 
 def _pod_mounts(sandbox: SandboxView, readonly_rootfs: bool) -> list[dict[str, Any]]:
