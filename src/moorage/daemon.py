@@ -209,6 +209,7 @@ class Daemon:
         await self.sandboxes.recover()
         await self.containers.recover()
         self.store.layers_in_use = self.containers.layers_in_use
+        self.store.images_in_use = self.containers.images_in_use
         await self.store.collect()
         self.puller = puller
 

@@ -69,8 +69,11 @@ containerd's ``internal/cri/opts``, unless said otherwise):
     ``mount_setattr`` and the runtime's ``rro``); each is checked first, an InvalidArgument
     naming ``recursive_read_only`` (CRI-O and containerd refuse the same). The host path must
     exist (kubelet creates what it mounts); symbolic links in it are resolved.
-    ``selinux_relabel`` is ignored (no SELinux support). All mounts are sorted by the depth
-    of their container path (stable), so parents come first.
+    ``selinux_relabel`` is ignored (no SELinux support). An image volume (CRI ``image``)
+    arrives mounted by the container manager (its host path set): a bind with ``ro``,
+    ``nosuid``, ``nodev`` and ``noexec``, private, whatever ``readonly``, propagation and
+    ``recursive_read_only`` say. All mounts are sorted by the depth of their container
+    path (stable), so parents come first.
 ``linux.devices`` / ``linux.resources.devices``
     Each CRI device: type, major, minor, mode and owner from ``stat`` of the host path
     (symbolic links followed); a directory gives every device below it (CRI-O). The device
@@ -643,6 +646,15 @@ def _cri_mounts(
                 f"{field}.uidMappings: idmapped mount of {m.host_path!r} was not prepared"
             )
         dest = _clean_container_path(m.container_path, f"{field}.container_path")
+        if m.image:
+            # An image volume, mounted by the container manager: read-only whatever the
+            # request says, private, and noexec (KEP-4639's defaults, CRI-O's options).
+            if not m.host_path:
+                raise FailedPrecondition(f"{field}.image: image volume {m.image!r} was not "
+                                         "mounted")
+            out.append({"destination": dest, "type": "bind", "source": m.host_path,
+                        "options": ["rbind", "rprivate", "ro", "nosuid", "nodev", "noexec"]})
+            continue
         if not m.host_path or "\0" in m.host_path:
             raise InvalidArgument(f"{field}.host_path: {m.host_path!r} is not a path")
         if not os.path.exists(m.host_path):
