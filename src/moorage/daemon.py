@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 
 from moorage import __version__, config, log, metrics
-from moorage.container import apparmor, seccomp
+from moorage.container import apparmor, cdi, seccomp
 from moorage.container.manager import ContainerManager
 from moorage.container.manager import Paths as ContainerPaths
 from moorage.container.spec import SpecOptions
@@ -200,6 +200,7 @@ class Daemon:
                 restrict_oom_score_adj=cfg.runtime.restrict_oom_score_adj,
                 **confinement,
             ),
+            cdi_registry=cdi.Registry(cfg.cdi.spec_dirs),
             memory_cgroup_root=Path(memory_root) if memory_root else None,
             log_max_line=cfg.runtime.log_max_line_size,
         )
@@ -309,6 +310,9 @@ class Daemon:
         if conf != self.store.registries_conf:
             self.store.registries_conf = conf
             changed.append("image.registries_conf")
+        if new.cdi != old.cdi:
+            self.containers.cdi.dirs = tuple(new.cdi.spec_dirs)
+            changed.append("cdi.spec_dirs")
         if new.runtimes != old.runtimes or new.runtime.default_runtime != (
                 old.runtime.default_runtime):
             for name, handler in new.runtimes.items():
@@ -332,7 +336,7 @@ class Daemon:
         changed += [f"runtime.{k}" for k in CONFINEMENT_KEYS
                     if getattr(new.runtime, k) != getattr(old.runtime, k)
                     or (k == "seccomp_profile" and new.runtime.seccomp_profile)]
-        live = {"log_level", "log_format", "image", "runtimes", "runtime"}
+        live = {"log_level", "log_format", "image", "runtimes", "runtime", "cdi"}
         old_data, new_data = old.model_dump(), new.model_dump()
         restart = sorted(k for k in new_data if k not in live and new_data[k] != old_data[k])
         restart += sorted(f"runtime.{k}" for k, v in new_data["runtime"].items()

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from moorage import log
+from moorage.container import cdi
 from moorage.container import spec as specgen
 from moorage.container.model import (
     Container,
@@ -92,10 +93,12 @@ class ContainerManager:
         monitor: MonitorClient,
         runtimes: dict[str, OciRuntime],
         spec_options: specgen.SpecOptions,
+        cdi_registry: cdi.Registry,
         memory_cgroup_root: Path | None,
         log_max_line: int,
     ) -> None:
         self.log_max_line = log_max_line
+        self.cdi = cdi_registry
         self.paths = paths
         self.images = images
         self.sandboxes = sandboxes
@@ -369,13 +372,18 @@ class ContainerManager:
             runtime_spec = self._mount_images(c, mapped)
             runtime_spec = self._idmapped_mounts(runtime_spec, view, mapped, state_dir)
         user = specgen.resolve_user(rootfs.merged, c.spec, c.image)
-        c.user = {"uid": user.uid, "gid": user.gid, "additional_gids": list(user.additional_gids),
-                  "username": user.username}
         doc = specgen.build_spec(
             container_id=c.id, spec=runtime_spec, sandbox=view, image=c.image,
             rootfs=rootfs.merged, user=user, options=options,
             target_pid_ns=target_pid_ns,
         )
+        # CDI devices edit the finished spec, as CRI-O and containerd apply them last.
+        cdi.apply(doc, self.cdi.resolve(cdi.requested(c.spec.cdi_devices,
+                                                      c.spec.annotations)))
+        process_user = doc["process"]["user"]
+        c.user = {"uid": process_user["uid"], "gid": process_user["gid"],
+                  "additional_gids": sorted(process_user.get("additionalGids", [])),
+                  "username": user.username}
         c.extra["cgroups_path"] = doc.get("linux", {}).get("cgroupsPath", "")
         # Under the runroot: a reboot empties it, and a container whose record is still
         # "creating" is destroyed at the next start, so no fsync is owed.

@@ -126,6 +126,8 @@ class ContainerSpec:
     stop_signal: str = ""  # e.g. "SIGTERM"; empty: the image's, else SIGTERM
     #: namespace_options.userns_options; None when not given (the pod's then).
     userns: UserNamespace | None = None
+    #: CDI_devices: fully qualified CDI device names (``vendor/class=name``).
+    cdi_devices: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

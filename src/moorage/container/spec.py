@@ -153,6 +153,7 @@ __all__ = [
     "host_capabilities",
     "host_devices",
     "image_volumes",
+    "mount_depth",
     "oci_resources",
     "process_args",
     "resolve_user",
@@ -732,7 +733,8 @@ def _pod_mounts(sandbox: SandboxView, readonly_rootfs: bool) -> list[dict[str, A
     return out
 
 
-def _depth(destination: str) -> int:
+def mount_depth(destination: str) -> int:
+    """How deep a mount's destination is (parents sort first)."""
     return len([p for p in destination.split("/") if p])
 
 
@@ -751,7 +753,7 @@ def _mounts(
         if any(dest.startswith(p + "/") for p in ("/dev", "/sys") if p in cri_paths):
             continue
         kept.append(m)
-    return sorted(kept + cri, key=lambda m: _depth(m["destination"])), root_propagation
+    return sorted(kept + cri, key=lambda m: mount_depth(m["destination"])), root_propagation
 
 
 # -- devices --------------------------------------------------------------------------------------

@@ -141,6 +141,7 @@ def spec_from_proto(c: pb.ContainerConfig) -> ContainerSpec:
         stop_signal=_signal_name(c.stop_signal),
         userns=userns_from_proto(
             ns, "config.linux.security_context.namespace_options.userns_options"),
+        cdi_devices=tuple(d.name for d in c.CDI_devices),
     )
 
 
