@@ -93,7 +93,7 @@ class Env:
         self.rt = d.runtime
         self._n = 0
 
-    def pod(self, name: str = "", **linux: object) -> str:
+    def pod(self, name: str = "", runtime_handler: str = "", **linux: object) -> str:
         self._n += 1
         name = name or f"pod{self._n}"
         cfg = pb.PodSandboxConfig(
@@ -102,8 +102,8 @@ class Env:
         for key, value in linux.items():
             setattr(cfg.linux.security_context.namespace_options, key, value)
         self.last_pod_config = cfg
-        return str(self.rt.RunPodSandbox(pb.RunPodSandboxRequest(config=cfg),
-                                         timeout=120).pod_sandbox_id)
+        return str(self.rt.RunPodSandbox(pb.RunPodSandboxRequest(
+            config=cfg, runtime_handler=runtime_handler), timeout=120).pod_sandbox_id)
 
     def config(self, name: str, cmd: list[str], **kw: object) -> pb.ContainerConfig:
         cfg = pb.ContainerConfig(

@@ -225,12 +225,8 @@ def test_image_volume_across_restarts_and_a_kill9_mid_create(env: Env, volume_re
     env.rt.RemoveContainer(pb.RemoveContainerRequest(container_id=cid))
     assert _image_mounts(env) == []
     # kill -9 while the runtime creates a container whose image volume is mounted.
-    cfg = pb.PodSandboxConfig(
-        metadata=pb.PodSandboxMetadata(name="slow", namespace="ns", uid="u-slow"),
-        log_directory=str(tmp_path / "logs" / "slow"))
-    slow = env.rt.RunPodSandbox(pb.RunPodSandboxRequest(config=cfg, runtime_handler="slow"),
-                                timeout=120).pod_sandbox_id
-    env.last_pod_config = cfg
+    slow = env.pod("slow", runtime_handler="slow")
+    cfg = env.last_pod_config
     channel = grpc.insecure_channel(f"unix:{env.d.socket}")
     try:
         future = pb_grpc.RuntimeServiceStub(channel).CreateContainer.future(

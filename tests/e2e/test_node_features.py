@@ -166,12 +166,7 @@ def test_recursive_read_only_refused_where_the_handler_lacks_it(env: Env,
                                                                 tmp_path: Path) -> None:
     tree = tmp_path / "plain"
     tree.mkdir()
-    cfg = pb.PodSandboxConfig(
-        metadata=pb.PodSandboxMetadata(name="old", namespace="ns", uid="u-old"),
-        log_directory=str(tmp_path / "logs" / "old"))
-    pod = env.rt.RunPodSandbox(pb.RunPodSandboxRequest(config=cfg, runtime_handler="old"),
-                               timeout=120).pod_sandbox_id
-    env.last_pod_config = cfg
+    pod = env.pod("old", runtime_handler="old")
     rro = pb.Mount(container_path="/m", host_path=str(tree), readonly=True,
                    recursive_read_only=True)
     e = rpc_error(lambda: env.create(pod, env.config("c", ["true"], mounts=[rro])))

@@ -65,7 +65,6 @@ from moorage.errors import (
     NotFound,
 )
 from moorage.util.fs import (
-    MAX_SYMLINKS,
     atomic_write,
     discard_tree,
     empty_trash,
@@ -605,55 +604,36 @@ def _mount_points() -> set[str]:
 def _make_dir_in_root(
     root: Path, path: str, mode: int = 0o755, owner: tuple[int, int] | None = None
 ) -> None:
-    """``mkdir -p root/path`` where symlinks resolve with ``root`` as ``/``; the directories
-    it makes are chowned to ``owner`` when given.
-
-    Every step is an ``openat`` relative to the directory resolved so far, with
-    ``O_NOFOLLOW``; a symlink is read and its target walked again from ``root`` (absolute)
-    or from the current directory (relative), and ``..`` never climbs above ``root``.
+    """``mkdir -p root/path`` where symlinks resolve with ``root`` as ``/``
+    (:func:`~moorage.util.fs.open_in_root`: ``..`` never climbs above ``root``); the
+    directories it makes get ``mode`` (not narrowed by the umask) and ``owner`` when given.
     """
-    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    stack = [root_fd]
-    parts = [p for p in path.split("/") if p not in ("", ".")]
-    links = 0
-    try:
-        while parts:
-            name = parts.pop(0)
-            if name == "..":
-                if len(stack) > 1:
-                    os.close(stack.pop())
-                continue
-            cur = stack[-1]
-            created = False
-            try:
-                st = os.stat(name, dir_fd=cur, follow_symlinks=False)
-            except FileNotFoundError:
-                with contextlib.suppress(FileExistsError):
-                    os.mkdir(name, mode, dir_fd=cur)
-                    created = True
-                st = os.stat(name, dir_fd=cur, follow_symlinks=False)
-            if stat.S_ISLNK(st.st_mode):
-                links += 1
-                if links > MAX_SYMLINKS:
-                    raise InvalidArgument(f"image volume {path!r}: too many symlinks")
-                target = os.readlink(name, dir_fd=cur)
-                if target.startswith("/"):
-                    while len(stack) > 1:
-                        os.close(stack.pop())
-                parts = [p for p in target.split("/") if p not in ("", ".")] + parts
-                continue
-            if not stat.S_ISDIR(st.st_mode):
-                raise InvalidArgument(
-                    f"image volume {path!r}: {name!r} exists and is not a directory"
-                )
-            fd = os.open(
-                name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=cur
-            )
-            stack.append(fd)
-            if created:
-                os.fchmod(fd, mode)  # not narrowed by the daemon's umask
-                if owner is not None:
-                    os.fchown(fd, *owner)
-    finally:
-        for fd in stack:
+
+    def make(dir_fd: int, name: str) -> None:
+        try:
+            os.mkdir(name, mode, dir_fd=dir_fd)
+        except FileExistsError:
+            return
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     dir_fd=dir_fd)
+        try:
+            os.fchmod(fd, mode)
+            if owner is not None:
+                os.fchown(fd, *owner)
+        finally:
             os.close(fd)
+
+    try:
+        found = open_in_root(root, path, make)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise InvalidArgument(f"image volume {path!r}: too many symlinks") from None
+        raise
+    if found is not None:
+        fd, _ = found
+        try:
+            if stat.S_ISDIR(os.fstat(fd).st_mode):
+                return
+        finally:
+            os.close(fd)
+    raise InvalidArgument(f"image volume {path!r}: a part of it exists and is not a directory")

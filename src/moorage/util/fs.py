@@ -220,7 +220,9 @@ def dir_usage(path: Path) -> FsUsage:
 MAX_SYMLINKS = 40
 
 
-def open_in_root(root: str | Path, path: str) -> tuple[int, str] | None:
+def open_in_root(
+    root: str | Path, path: str, make: Callable[[int, str], None] | None = None
+) -> tuple[int, str] | None:
     """``path`` looked up as if ``root`` were ``/`` (a chroot's view, without a chroot):
     an ``O_PATH`` descriptor of what it names (the caller closes it) and that object's
     path relative to ``root`` with every symbolic link resolved (``""`` for ``root``).
@@ -230,7 +232,8 @@ def open_in_root(root: str | Path, path: str) -> tuple[int, str] | None:
     absolute one from ``root`` again), and ``..`` stops at ``root``, so nothing outside
     ``root`` is ever reached, whatever the links say. None when a component is missing or
     a non-directory stands where a directory is needed; ``OSError(ELOOP)`` after
-    :data:`MAX_SYMLINKS` links, as the kernel. Blocking.
+    :data:`MAX_SYMLINKS` links, as the kernel. ``make(dir_fd, name)``, when given, is
+    called for a missing component to create it (``mkdir -p`` inside the root). Blocking.
     """
     flags = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
     # The directories from root down to the current one, each with its name.
@@ -248,7 +251,12 @@ def open_in_root(root: str | Path, path: str) -> tuple[int, str] | None:
             current = chain[-1][0]
             try:
                 fd = os.open(name, flags, dir_fd=current)
-            except (FileNotFoundError, NotADirectoryError):
+            except FileNotFoundError:
+                if make is None:
+                    return None
+                make(current, name)
+                fd = os.open(name, flags, dir_fd=current)
+            except NotADirectoryError:
                 return None
             st = os.fstat(fd)
             if stat.S_ISLNK(st.st_mode):
