@@ -71,8 +71,8 @@ containerd's ``internal/cri/opts``, unless said otherwise):
     exist (kubelet creates what it mounts); symbolic links in it are resolved.
     ``selinux_relabel`` is ignored (no SELinux support). An image volume (CRI ``image``)
     arrives mounted by the container manager (its host path set): a bind with ``ro``,
-    ``nosuid``, ``nodev`` and ``noexec``, private, whatever ``readonly``, propagation and
-    ``recursive_read_only`` say. All mounts are sorted by the depth of their container
+    ``nosuid`` and ``nodev``, private, whatever propagation and ``recursive_read_only``
+    say. All mounts are sorted by the depth of their container
     path (stable), so parents come first.
 ``linux.devices`` / ``linux.resources.devices``
     Each CRI device: type, major, minor, mode and owner from ``stat`` of the host path
@@ -648,13 +648,13 @@ def _cri_mounts(
             )
         dest = _clean_container_path(m.container_path, f"{field}.container_path")
         if m.image:
-            # An image volume, mounted by the container manager: read-only whatever the
-            # request says, private, and noexec (KEP-4639's defaults, CRI-O's options).
+            # An image volume, mounted by the container manager: read-only, private,
+            # whatever propagation says (as CRI-O's and containerd's).
             if not m.host_path:
                 raise FailedPrecondition(f"{field}.image: image volume {m.image!r} was not "
                                          "mounted")
             out.append({"destination": dest, "type": "bind", "source": m.host_path,
-                        "options": ["rbind", "rprivate", "ro", "nosuid", "nodev", "noexec"]})
+                        "options": ["rbind", "rprivate", "ro", "nosuid", "nodev"]})
             continue
         if not m.host_path or "\0" in m.host_path:
             raise InvalidArgument(f"{field}.host_path: {m.host_path!r} is not a path")

@@ -100,6 +100,12 @@ def spec_from_proto(c: pb.ContainerConfig) -> ContainerSpec:
         if m.image_sub_path and not image:
             raise InvalidArgument(
                 f"config.mounts[{i}].image_sub_path: set without config.mounts[{i}].image")
+        if image and not m.readonly:
+            # The CRI: image mounts are read-only by definition (kubelet sends true);
+            # critest expects a runtime to refuse a read-write one.
+            raise InvalidArgument(
+                f"config.mounts[{i}].readonly: an image volume ({image!r}) is read-only; "
+                "readonly must be true")
         mounts.append(Mount(container_path=m.container_path, host_path=m.host_path,
                             readonly=m.readonly, propagation=_PROPAGATION[m.propagation],
                             recursive_read_only=m.recursive_read_only,
@@ -173,7 +179,8 @@ def _list_response(items: list[pb.Container]) -> pb.ListContainersResponse:
 def _mounts(c: Container) -> list[pb.Mount]:
     """The CRI mounts as asked; an image volume as CRI-O reports one: the host path
     mounted into the container, read-only, private, and the image by its id (kubelet's
-    image garbage collection reads it to keep the image)."""
+    image garbage collection reads it to keep the image), also as ``image_ref``
+    (KEP-5365)."""
     reverse = {v: k for k, v in _PROPAGATION.items()}
     volumes = {v.index: v for v in c.image_volumes}
     out = []
@@ -191,6 +198,7 @@ def _mounts(c: Container) -> list[pb.Mount]:
             mount.readonly = True
             mount.propagation = pb.PROPAGATION_PRIVATE
             mount.image.image = volume.image_id
+            mount.image.image_ref = volume.image_id  # KEP-5365: as the container's image_ref
             mount.image_sub_path = m.image_sub_path
         out.append(mount)
     return out

@@ -78,9 +78,9 @@ _log = log.get("moorage.storage")
 
 _CLONE_FS = 0x00000200
 _MNT_DETACH = 0x2
-# MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC: an image volume is read-only and noexec
-# (KEP-4639's defaults; CRI-O mounts images with ro,noexec,nosuid,nodev).
-_IMAGE_MOUNT_FLAGS = 0x1 | 0x2 | 0x4 | 0x8
+# MS_RDONLY | MS_NOSUID | MS_NODEV: an image volume is read-only; its programs may run
+# (critest checks that they do, as in CRI-O's and containerd's image volumes).
+_IMAGE_MOUNT_FLAGS = 0x1 | 0x2 | 0x4
 #: Below a container's directory: where its image volumes are mounted, one per CRI mount.
 IMAGE_MOUNTS = "image-mounts"
 _LINK_LEN = 26
@@ -320,8 +320,8 @@ class ContainerStorage:
         sub_path: str = "",
         userns: MappedUserNamespace | None = None,
     ) -> Path:
-        """Mount an image's layers as a read-only overlay (``ro,nosuid,nodev,noexec``, no
-        upper layer) at :meth:`image_mount`, for an image volume (KEP-4639); returns the
+        """Mount an image's layers as a read-only overlay (``ro,nosuid,nodev``, no upper
+        layer) at :meth:`image_mount`, for an image volume (KEP-4639); returns the
         host path to bind into the container: the mount point, or ``sub_path`` in it.
 
         ``sub_path`` is looked up inside the image, its symbolic links resolved as if the
