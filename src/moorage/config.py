@@ -246,6 +246,24 @@ class ImageConfig(_Section):
         return value
 
 
+class CdiConfig(_Section):
+    spec_dirs: list[Path] = Field(
+        [Path("/etc/cdi"), Path("/var/run/cdi")],
+        description="Directories of CDI spec files (*.json, *.yaml) defining the devices "
+        "that containers name in CDI_devices or cdi.k8s.io/ annotations; a device defined "
+        "in a later directory wins. Files are read again when they change; the list is "
+        "re-read on SIGHUP.",
+    )
+
+    @field_validator("spec_dirs")
+    @classmethod
+    def _absolute_dirs(cls, value: list[Path]) -> list[Path]:
+        for path in value:
+            if not path.is_absolute():
+                raise ValueError(f"{str(path)!r} is not an absolute path")
+        return value
+
+
 class MetricsConfig(_Section):
     enable: bool = Field(
         False, description="Serve Prometheus metrics over HTTP (flag --enable-metrics)."
@@ -282,6 +300,7 @@ class Config(_Section):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     image: ImageConfig = Field(default_factory=ImageConfig)
     network: NetworkConfig = Field(default_factory=NetworkConfig)
+    cdi: CdiConfig = Field(default_factory=CdiConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     runtimes: dict[str, RuntimeHandler] = Field(
         default_factory=lambda: {"runc": RuntimeHandler()},

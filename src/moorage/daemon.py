@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 
 from moorage import __version__, config, log, metrics
-from moorage.container import apparmor, seccomp
+from moorage.container import apparmor, cdi, seccomp
 from moorage.container.manager import ContainerManager
 from moorage.container.manager import Paths as ContainerPaths
 from moorage.container.spec import SpecOptions
@@ -193,8 +193,6 @@ class Daemon:
         }
         self.monitor = MonitorClient(cfg.runroot)
         await self.monitor.ensure_server()
-        default_rt = runtimes[cfg.runtime.default_runtime]
-        features = await default_rt.features()
         try:
             confinement = await asyncio.to_thread(_confinement, cfg.runtime)
         except MoorageError as e:
@@ -208,17 +206,19 @@ class Daemon:
             spec_options=SpecOptions(
                 cgroup_driver=cfg.runtime.cgroup_manager, cgroups=layout,
                 restrict_oom_score_adj=cfg.runtime.restrict_oom_score_adj,
-                rro_supported="rro" in features.get("mountOptions", []),
                 **confinement,
             ),
+            cdi_registry=cdi.Registry(cfg.cdi.spec_dirs),
             memory_cgroup_root=Path(memory_root) if memory_root else None,
             log_max_line=cfg.runtime.log_max_line_size,
         )
+        await self.containers.probe_runtimes()
         watch_containers(self.events, self.containers, self.sandboxes)
         metrics.track_containers(self.containers, self.events)
         await self.sandboxes.recover()
         await self.containers.recover()
         self.store.layers_in_use = self.containers.layers_in_use
+        self.store.images_in_use = self.containers.images_in_use
         await self.store.collect()
         self.puller = puller
 
@@ -328,6 +328,9 @@ class Daemon:
                                                new.image.signature_policy_dir)
             changed += [f"image.{k}" for k in policy_keys
                         if getattr(new.image, k) != getattr(old.image, k)]
+        if new.cdi != old.cdi:
+            self.containers.cdi.dirs = tuple(new.cdi.spec_dirs)
+            changed.append("cdi.spec_dirs")
         if new.runtimes != old.runtimes or new.runtime.default_runtime != (
                 old.runtime.default_runtime):
             for name, handler in new.runtimes.items():
@@ -338,6 +341,9 @@ class Daemon:
             self.sandboxes.default_handler = new.runtime.default_runtime
             self.runtime_service.handlers = list(new.runtimes)
             changed.append("runtimes")
+        # Each handler's binary is asked for its features again: an upgraded runc may
+        # have gained (or a replaced one lost) what Status advertises.
+        await self.containers.probe_runtimes()
         try:
             confinement = await asyncio.to_thread(_confinement, new.runtime)
         except MoorageError as e:
@@ -359,7 +365,7 @@ class Daemon:
         changed += [f"runtime.{k}" for k in CONFINEMENT_KEYS
                     if getattr(new.runtime, k) != getattr(old.runtime, k)
                     or (k == "seccomp_profile" and new.runtime.seccomp_profile)]
-        live = {"log_level", "log_format", "image", "runtimes", "runtime"}
+        live = {"log_level", "log_format", "image", "runtimes", "runtime", "cdi"}
         old_data, new_data = old.model_dump(), new.model_dump()
         restart = sorted(k for k in new_data if k not in live and new_data[k] != old_data[k])
         restart += sorted(f"runtime.{k}" for k, v in new_data["runtime"].items()

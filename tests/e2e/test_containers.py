@@ -46,11 +46,13 @@ def env(tmp_path: Path, node_ns: str, cni_dir: Path, registry: Registry,
 
 @contextlib.contextmanager
 def running_env(base: Path, node_ns: str, cni_dir: Path, registry: Registry,
-                busybox_ref: str) -> Iterator[Env]:
-    """A daemon with state in ``base`` running in the node namespace, busybox pulled; at
-    the end every pod is removed and the daemon stopped."""
+                busybox_ref: str, *, config_extra: str = "",
+                images: tuple[str, ...] = ()) -> Iterator[Env]:
+    """A daemon with state in ``base`` running in the node namespace, busybox (and
+    ``images``) pulled; ``config_extra`` is TOML added to its config drop-in. At the end
+    every pod is removed and the daemon stopped."""
     d = make_daemon(base, node_ns, cni_dir)
-    d.config_text = OOM_SCORE_CLAMP
+    d.config_text = OOM_SCORE_CLAMP + config_extra
     d.registries_conf_text = insecure_conf(registry)
     # The registry listens on the machine's loopback; the pods' daemon runs in the node
     # namespace. Pull first from a daemon outside it, on the same state.
@@ -58,6 +60,8 @@ def running_env(base: Path, node_ns: str, cni_dir: Path, registry: Registry,
     d.start()
     image_ref = d.images.PullImage(pb.PullImageRequest(
         image=pb.ImageSpec(image=busybox_ref))).image_ref
+    for ref in images:
+        d.images.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=ref)))
     d.stop()
     d.netns = node
     d.start()
@@ -84,7 +88,7 @@ class Env:
         self.rt = d.runtime
         self._n = 0
 
-    def pod(self, name: str = "", **linux: object) -> str:
+    def pod(self, name: str = "", runtime_handler: str = "", **linux: object) -> str:
         self._n += 1
         name = name or f"pod{self._n}"
         cfg = pb.PodSandboxConfig(
@@ -93,8 +97,8 @@ class Env:
         for key, value in linux.items():
             setattr(cfg.linux.security_context.namespace_options, key, value)
         self.last_pod_config = cfg
-        return str(self.rt.RunPodSandbox(pb.RunPodSandboxRequest(config=cfg),
-                                         timeout=120).pod_sandbox_id)
+        return str(self.rt.RunPodSandbox(pb.RunPodSandboxRequest(
+            config=cfg, runtime_handler=runtime_handler), timeout=120).pod_sandbox_id)
 
     def config(self, name: str, cmd: list[str], **kw: object) -> pb.ContainerConfig:
         cfg = pb.ContainerConfig(

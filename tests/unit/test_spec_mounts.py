@@ -221,7 +221,9 @@ def test_recursive_read_only(tmp_path: Path, hosts: tuple[Path, Path]) -> None:
     rro = Mount("/r", str(tmp_path), readonly=True, recursive_read_only=True)
     doc = build(spec=make_spec(mounts=(rro,)), options=opts(rro_supported=True))
     assert by_dest(doc)["/r"]["options"] == ["rbind", "rprivate", "rro"]
-    with pytest.raises(FailedPrecondition, match="^RROUnsupported: .*not supported by the runtime"):
+    with pytest.raises(InvalidArgument,
+                       match=r"^config\.mounts\[0\]\.recursive_read_only: .*not supported by "
+                             "this runtime handler"):
         build(spec=make_spec(mounts=(rro,)))
     rw = Mount("/r", str(tmp_path), readonly=False, recursive_read_only=True)
     with pytest.raises(InvalidArgument, match="recursive_read_only: needs readonly"):
@@ -235,6 +237,11 @@ def test_recursive_read_only(tmp_path: Path, hosts: tuple[Path, Path]) -> None:
             spec=make_spec(mounts=(m,)),
             options=opts(rro_supported=True, mountinfo=str(mountinfo)),
         )
+    # Checked before the host path's own propagation (a private one here).
+    m = Mount("/r", str(tmp_path), readonly=True, recursive_read_only=True,
+              propagation="rshared")
+    with pytest.raises(InvalidArgument, match="recursive_read_only: needs private propagation"):
+        build(spec=make_spec(mounts=(m,)), options=opts(rro_supported=True))
 
 
 # -- devices ---------------------------------------------------------------------------------------

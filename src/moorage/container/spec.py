@@ -65,11 +65,15 @@ containerd's ``internal/cri/opts``, unless said otherwise):
     ``/sys`` replaces everything below it). ``rslave`` needs the host path's mount to be
     shared or a slave, ``rshared`` needs it shared (read from ``/proc/self/mountinfo``), and
     they set ``linux.rootfsPropagation``. ``rro`` needs ``readonly``, private propagation,
-    and a runtime that has it (``SpecOptions.rro_supported``: else FailedPrecondition
-    starting ``RROUnsupported``, the CRI error string kubelet matches). The host path must
+    and a handler that has it (``SpecOptions.rro_supported``: the kernel's
+    ``mount_setattr`` and the runtime's ``rro``); each is checked first, an InvalidArgument
+    naming ``recursive_read_only`` (CRI-O and containerd refuse the same). The host path must
     exist (kubelet creates what it mounts); symbolic links in it are resolved.
-    ``selinux_relabel`` is ignored (no SELinux support). All mounts are sorted by the depth
-    of their container path (stable), so parents come first.
+    ``selinux_relabel`` is ignored (no SELinux support). An image volume (CRI ``image``)
+    arrives mounted by the container manager (its host path set): a bind with ``ro``,
+    ``nosuid`` and ``nodev``, private, whatever propagation and ``recursive_read_only``
+    say. All mounts are sorted by the depth of their container
+    path (stable), so parents come first.
 ``linux.devices`` / ``linux.resources.devices``
     Each CRI device: type, major, minor, mode and owner from ``stat`` of the host path
     (symbolic links followed); a directory gives every device below it (CRI-O). The device
@@ -152,6 +156,7 @@ __all__ = [
     "host_capabilities",
     "host_devices",
     "image_volumes",
+    "mount_depth",
     "oci_resources",
     "process_args",
     "resolve_user",
@@ -617,11 +622,22 @@ def _cri_mounts(
                 f"{field}.uidMappings: idmapped mount of {m.host_path!r} was not prepared"
             )
         dest = _clean_container_path(m.container_path, f"{field}.container_path")
+        if m.image:
+            # An image volume, mounted by the container manager: read-only, private,
+            # whatever propagation says (as CRI-O's and containerd's).
+            if not m.host_path:
+                raise FailedPrecondition(f"{field}.image: image volume {m.image!r} was not "
+                                         "mounted")
+            out.append({"destination": dest, "type": "bind", "source": m.host_path,
+                        "options": ["rbind", "rprivate", "ro", "nosuid", "nodev"]})
+            continue
         if not m.host_path or "\0" in m.host_path:
             raise InvalidArgument(f"{field}.host_path: {m.host_path!r} is not a path")
         if not os.path.exists(m.host_path):
             raise InvalidArgument(f"{field}.host_path: {m.host_path!r} does not exist")
         src = os.path.realpath(m.host_path)
+        if m.recursive_read_only:
+            _check_rro(m, field, options)
         opts = ["rbind"]
         if m.propagation == "private":
             opts.append("rprivate")
@@ -637,26 +653,33 @@ def _cri_mounts(
         else:
             raise InvalidArgument(f"{field}.propagation: unknown value {m.propagation!r}")
         if m.recursive_read_only:
-            if not m.readonly:
-                raise InvalidArgument(
-                    f"{field}.recursive_read_only: needs readonly (a recursive read-only "
-                    f"mount conflicts with a read-write one; host_path {m.host_path!r})"
-                )
-            if m.propagation != "private":
-                raise InvalidArgument(
-                    f"{field}.recursive_read_only: needs private propagation, got "
-                    f"{m.propagation} (host_path {m.host_path!r})"
-                )
-            if not options.rro_supported:
-                raise FailedPrecondition(
-                    f"RROUnsupported: {field}: recursive read-only mounts are not supported "
-                    f"by the runtime (host_path {m.host_path!r})"
-                )
             opts.append("rro")
         else:
             opts.append("ro" if m.readonly else "rw")
         out.append({"destination": dest, "type": "bind", "source": src, "options": opts})
     return out, root_propagation
+
+
+def _check_rro(m: Mount, field: str, options: SpecOptions) -> None:
+    """A recursive read-only mount is read-only, private, and needs the kernel and the
+    runtime to have it (the CRI's rules, CRI-O's and containerd's answers)."""
+    if not m.readonly:
+        raise InvalidArgument(
+            f"{field}.recursive_read_only: needs readonly (a recursive read-only mount "
+            f"conflicts with a read-write one; host_path {m.host_path!r})"
+        )
+    if m.propagation != "private":
+        raise InvalidArgument(
+            f"{field}.recursive_read_only: needs private propagation, got {m.propagation} "
+            f"(host_path {m.host_path!r})"
+        )
+    if not options.rro_supported:
+        raise InvalidArgument(
+            f"{field}.recursive_read_only: recursive read-only mounts are not supported by "
+            "this runtime handler (they need a kernel with mount_setattr, Linux 5.12, and an "
+            f"OCI runtime whose features list the rro mount option; host_path "
+            f"{m.host_path!r})"
+        )
 
 
 def _pod_mounts(sandbox: SandboxView, readonly_rootfs: bool) -> list[dict[str, Any]]:
@@ -685,7 +708,8 @@ def _pod_mounts(sandbox: SandboxView, readonly_rootfs: bool) -> list[dict[str, A
     return out
 
 
-def _depth(destination: str) -> int:
+def mount_depth(destination: str) -> int:
+    """How deep a mount's destination is (parents sort first)."""
     return len([p for p in destination.split("/") if p])
 
 
@@ -704,7 +728,7 @@ def _mounts(
         if any(dest.startswith(p + "/") for p in ("/dev", "/sys") if p in cri_paths):
             continue
         kept.append(m)
-    return sorted(kept + cri, key=lambda m: _depth(m["destination"])), root_propagation
+    return sorted(kept + cri, key=lambda m: mount_depth(m["destination"])), root_propagation
 
 
 # -- devices --------------------------------------------------------------------------------------
