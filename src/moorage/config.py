@@ -247,21 +247,13 @@ class ImageConfig(_Section):
 
 
 class CdiConfig(_Section):
-    spec_dirs: list[Path] = Field(
+    spec_dirs: list[AbsolutePath] = Field(
         [Path("/etc/cdi"), Path("/var/run/cdi")],
         description="Directories of CDI spec files (*.json, *.yaml) defining the devices "
         "that containers name in CDI_devices or cdi.k8s.io/ annotations; a device defined "
         "in a later directory wins. Files are read again when they change; the list is "
         "re-read on SIGHUP.",
     )
-
-    @field_validator("spec_dirs")
-    @classmethod
-    def _absolute_dirs(cls, value: list[Path]) -> list[Path]:
-        for path in value:
-            if not path.is_absolute():
-                raise ValueError(f"{str(path)!r} is not an absolute path")
-        return value
 
 
 class MetricsConfig(_Section):
@@ -386,7 +378,8 @@ def _describe(error: ValidationError, sources: list[Path]) -> str:
         elif not key:
             lines.append(str(err["msg"]).removeprefix("Value error, "))
         else:
-            lines.append(f"key {key!r}: {err['msg']} (got {err.get('input')!r})")
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            lines.append(f"key {key!r}: {msg} (got {err.get('input')!r})")
     where = ", ".join(str(s) for s in sources) or "flags"
     return f"invalid configuration ({where}): " + "; ".join(lines)
 

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from moorage.cri.v1 import api_pb2 as pb
 from tests.fixtures.daemon import CNI_PLUGIN_DIR, Daemon
 
 SUBNET = "10.99.0.0/16"
@@ -81,11 +80,6 @@ def make_daemon(tmp_path: Path, node_ns: str, cni_dir: Path, extra: list[str] | 
 def daemon(tmp_path: Path, node_ns: str, cni_dir: Path) -> Iterator[Daemon]:
     d = make_daemon(tmp_path, node_ns, cni_dir).start()
     yield d
-    # Remove whatever a failing test left, then stop.
-    try:
-        for item in d.runtime.ListPodSandbox(pb.ListPodSandboxRequest()).items:
-            d.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=item.id))
-    finally:
-        d.stop()
+    d.remove_pods_and_stop()  # whatever a failing test left
 
 

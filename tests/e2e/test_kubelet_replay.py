@@ -180,11 +180,7 @@ def replay_daemon(tmp: Path, node_ns: str, cni_dir: Path, registry: Registry,
     try:
         yield d, images
     finally:
-        try:
-            for item in d.runtime.ListPodSandbox(pb.ListPodSandboxRequest()).items:
-                d.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=item.id))
-        finally:
-            d.stop()
+        d.remove_pods_and_stop()
 
 
 @contextlib.contextmanager

@@ -79,11 +79,7 @@ def env(tmp_path: Path, node_ns: str, cni_dir: Path, registry: Registry,
     try:
         yield e
     finally:
-        try:
-            for item in d.runtime.ListPodSandbox(pb.ListPodSandboxRequest()).items:
-                d.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=item.id))
-        finally:
-            d.stop()
+        d.remove_pods_and_stop()
 
 
 def stats(env: Env, cid: str) -> pb.ContainerStats:

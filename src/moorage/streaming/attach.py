@@ -27,6 +27,7 @@ from moorage.errors import MoorageError
 from moorage.monitor.client import open_attach
 from moorage.monitor.protocol import STREAM_STDERR
 from moorage.streaming.api import BackendError, Stdio
+from moorage.util.tasks import cancel_and_wait
 
 #: The monitor reads at most 8 KiB of a packet (the rest of a longer one would be lost).
 STDIN_PACKET = 4096
@@ -111,9 +112,5 @@ async def run_attach(state_dir: Path, stdio: Stdio, resize: Resize | None = None
         if copying.done():
             copying.result()
     finally:
-        for task in helpers:
-            task.cancel()
-        for task in helpers:
-            with contextlib.suppress(BaseException):
-                await task
+        await cancel_and_wait(helpers)
         sock.close()

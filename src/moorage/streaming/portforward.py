@@ -33,6 +33,7 @@ from moorage import log
 from moorage.streaming.api import Backend, BackendError, Reader, Writer
 from moorage.streaming.spdy.connection import SpdyConnection, SpdyStream
 from moorage.streaming.websocket import WsConnection
+from moorage.util.tasks import cancel_and_wait
 
 _log = log.get("moorage.streaming")
 
@@ -191,11 +192,7 @@ async def serve_spdy(
                             await stream.close()
         return f"{count} connections"
     finally:
-        for task in list(tasks):
-            task.cancel()
-        for task in list(tasks):
-            with contextlib.suppress(BaseException):
-                await task
+        await cancel_and_wait(tasks)
         await conn.close()
         reading.cancel()
         with contextlib.suppress(BaseException):
@@ -286,11 +283,7 @@ async def serve_tunnel(conn: WsConnection, backend: Backend, sandbox_id: str, *,
         with contextlib.suppress(BaseException):
             async with asyncio.timeout(5):
                 await pumps[1]  # what the SPDY side wrote last (GOAWAY) reaches the client
-        for pump in pumps:
-            pump.cancel()
-        for pump in pumps:
-            with contextlib.suppress(BaseException):
-                await pump
+        await cancel_and_wait(pumps)
         ws_writer.close()
         await conn.close()
         reading.cancel()

@@ -37,6 +37,7 @@ from moorage.streaming.http import BadRequest, negotiate, read_request, response
 from moorage.streaming.http import Request as HttpRequest
 from moorage.streaming.tokens import TokenCache
 from moorage.streaming.websocket import MAX_MESSAGE, WsConnection
+from moorage.util.tasks import cancel_and_wait
 
 _log = log.get("moorage.streaming")
 
@@ -90,11 +91,7 @@ class StreamingServer:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
-        for task in list(self._connections):
-            task.cancel()
-        for task in list(self._connections):
-            with contextlib.suppress(BaseException):
-                await task
+        await cancel_and_wait(self._connections)
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 5)
