@@ -19,6 +19,7 @@ from moorage.cri.v1 import api_pb2_grpc as pb_grpc
 from moorage.sandbox import cgroups
 from tests.e2e.test_containers import Env, busybox_ref, running_env  # noqa: F401
 from tests.e2e.test_sandboxes import assert_node_clean
+from tests.fixtures.daemon import Daemon
 from tests.fixtures.registry import Registry
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
@@ -89,15 +90,21 @@ def test_kill9_while_pods_and_containers_are_built(
             env.rt.RemoveContainer(pb.RemoveContainerRequest(container_id=c.id))
         assert not env.rt.ListPodSandbox(pb.ListPodSandboxRequest()).items
         assert not env.rt.ListContainers(pb.ListContainersRequest()).containers
-        d = env.d
-        assert_node_clean(d, node_ns, tmp_path)  # pins, mounts, veths, IPs, pod records
-        assert _mounts_under(d.root) == []
-        assert _entries(d.root / "containers") == []
-        assert [n for n in _entries(d.root / "overlay" / "containers")
-                if not n.startswith(".")] == []
-        assert _entries(d.root / "network" / "cni-cache") == []
-        runc = subprocess.run(["runc", "--root", str(d.runroot / "runtimes" / "runc"),
-                               "list", "-q"], capture_output=True, text=True, check=False)
-        assert runc.stdout.split() == []
+        assert_nothing_left(env.d, node_ns, tmp_path)
         # The pod cgroups, and the infra processes (catatonit) that would keep them.
         assert _default_parent_children() - before == set()
+
+
+def assert_nothing_left(d: Daemon, node_ns: str, tmp_path: Path) -> None:
+    """After every pod was removed: nothing of them is left on the node (pins, mounts,
+    veths, IPs, pod records: ``assert_node_clean``), nor of their containers (mounts,
+    records, rootfs dirs, CNI cache entries, runc's state)."""
+    assert_node_clean(d, node_ns, tmp_path)
+    assert _mounts_under(d.root) == []
+    assert _entries(d.root / "containers") == []
+    assert [n for n in _entries(d.root / "overlay" / "containers")
+            if not n.startswith(".")] == []
+    assert _entries(d.root / "network" / "cni-cache") == []
+    runc = subprocess.run(["runc", "--root", str(d.runroot / "runtimes" / "runc"),
+                           "list", "-q"], capture_output=True, text=True, check=False)
+    assert runc.stdout.split() == []
