@@ -45,7 +45,7 @@ from moorage.errors import (
 from moorage.image.store import ImageStore
 from moorage.monitor.client import CreateRequest, ExitStatus, MonitorClient
 from moorage.oci.runtime import ExecResult, OciRuntime
-from moorage.sandbox import userns
+from moorage.sandbox import cgroups, userns
 from moorage.sandbox.manager import SandboxManager
 from moorage.sandbox.model import Mode, Sandbox
 from moorage.sandbox.model import State as SandboxState
@@ -467,10 +467,11 @@ class ContainerManager:
         return f"/proc/{target.pid}/ns/pid"
 
     def _memory_dir(self, c: Container) -> str:
+        """The container's memory cgroup (the systemd driver's scope too), for OOM kills."""
         path = c.extra.get("cgroups_path", "")
-        if self.memory_cgroup_root is None or not path or ":" in path:
+        if self.memory_cgroup_root is None or not path:
             return ""
-        return str(self.memory_cgroup_root / path.lstrip("/"))
+        return str(self.memory_cgroup_root / cgroups.container_cgroup_path(path).lstrip("/"))
 
     # -- exits ---------------------------------------------------------------------------
 

@@ -64,6 +64,7 @@ __all__ = [
     "PodSlice",
     "Resources",
     "check_resources",
+    "container_cgroup_path",
     "cpu_weight",
     "hugepage_sizes",
     "memory_swap_v2",
@@ -364,6 +365,22 @@ def systemd_slice_path(slice_name: str) -> str:
         path += f"/{prefix}{component}{suffix}"
         prefix += f"{component}-"
     return path
+
+
+def container_cgroup_path(cgroups_path: str) -> str:
+    """The cgroup path (relative to each hierarchy's root) of an OCI ``linux.cgroupsPath``.
+
+    cgroupfs: the path itself (``/kubepods/pod<uid>/moorage-<id>``). systemd: runc's
+    ``slice:prefix:name`` means the scope ``<prefix>-<name>.scope`` in the slice's path
+    (``kubepods-pod1.slice:moorage:abc`` ->
+    ``/kubepods.slice/kubepods-pod1.slice/moorage-abc.scope``).
+    """
+    if ":" in cgroups_path:
+        slice_name, prefix, name = [*cgroups_path.split(":"), "", ""][:3]
+        parent = systemd_slice_path(slice_name or "system.slice").rstrip("/")
+        unit = f"{prefix}-{name}.scope" if prefix else f"{name}.scope"
+        return f"{parent}/{unit}"
+    return "/" + cgroups_path.lstrip("/")
 
 
 def _check_cgroup_path(path: str, what: str) -> str:
