@@ -5,8 +5,8 @@ debootstrap, with everything the node needs pre-seeded, since the VM has no netw
   the packages ``deploy/install.sh`` installs, downloaded by the chroot's own apt. It is
   the image's only apt source: ``apt-get update`` and ``apt-get install`` in install.sh
   work offline as on a machine with a mirror.
-- ``/srv/moorage-wheels``: the Python packages of the lock, downloaded on the host
-  (install.sh's pip finds them through ``PIP_NO_INDEX``/``PIP_FIND_LINKS``).
+- ``/srv/moorage-wheels``: the Python packages of ``requirements.lock``, downloaded on
+  the host (install.sh's pip finds them through ``PIP_NO_INDEX``/``PIP_FIND_LINKS``).
 - ``/opt/moorage-lane``: a venv with pytest and moorage's dependencies for the lane's
   tests; moorage itself comes from the project's source, mounted at ``/root/moorage``
   from a disk made at each run (so the image does not change with the source).
@@ -41,9 +41,9 @@ BASE_PACKAGES = ("systemd-sysv", "udev", "dbus", "kmod", "linux-image-cloud-amd6
 #: What the lane's tests use beside the node: crun (a second runtime handler), the
 #: registry and busybox of tests/fixtures, python3-venv for the tests' venv.
 LANE_PACKAGES = ("crun", "docker-registry", "busybox-static", "python3", "python3-venv")
-#: Python packages of the lane's venv (besides moorage's dependencies): pytest and what
-#: tests/conftest.py imports.
-LANE_PYTHON = ("pytest", "pytest-asyncio", "pytest-timeout", "cryptography")
+#: Python packages of the lane's venv besides moorage's dependencies (which include what
+#: tests/conftest.py imports).
+LANE_PYTHON = ("pytest", "pytest-asyncio", "pytest-timeout")
 LOCK = ROOT / "requirements.lock"
 INSTALL_SH = ROOT / "deploy" / "install.sh"
 GUEST_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "LANG": "C.UTF-8",
@@ -127,8 +127,7 @@ def cache_key() -> str:
     h = hashlib.sha256()
     h.update(Path(__file__).read_bytes())
     h.update(f"{FORMAT}\n{install_packages()}\n{python_requirements()}\n".encode())
-    if LOCK.exists():
-        h.update(LOCK.read_bytes())
+    h.update(LOCK.read_bytes())
     return h.hexdigest()[:20]
 
 
@@ -168,23 +167,13 @@ def _seed_debs(tree: Path, packages: list[str]) -> int:
 
 
 def _seed_wheels(tree: Path, work: Path) -> int:
-    """Download the lock's wheels on the host (pyproject's requirements until the lock
-    exists), plus the build backend, into ``/srv/moorage-wheels``."""
+    """Download the lock's packages on the host (every one the daemon, the tests and the
+    build install, hashes checked) into ``/srv/moorage-wheels``."""
     wheels = tree / "srv/moorage-wheels"
     venv = work / "pip-venv"
     run(sys.executable, "-m", "venv", venv)
-    pip = [str(venv / "bin/pip"), "download", "-q", "-d", str(wheels)]
-    backend = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]
-    if LOCK.exists():
-        run(*pip, "-r", LOCK)
-        run(*pip, *backend, *(p for p in LANE_PYTHON if not _locked(p)))
-    else:
-        run(*pip, *python_requirements(), *backend)
+    run(venv / "bin/pip", "download", "-q", "-d", wheels, "-r", LOCK)
     return len(list(wheels.iterdir()))
-
-
-def _locked(name: str) -> bool:
-    return re.search(rf"(?im)^{re.escape(name)}==", LOCK.read_text()) is not None
 
 
 def _lane_venv(tree: Path) -> None:

@@ -38,6 +38,7 @@ import image
 
 ROOT = image.ROOT
 CACHE = Path(os.environ.get("MOORAGE_VM_CACHE", "/var/cache/moorage-vm"))
+#: Where the last run's results are kept: ``$MOORAGE_VM_RESULTS``, else ``<cache>/results``.
 #: Seconds the VM may run (boot, install, tests) before it is killed.
 TIMEOUT = float(os.environ.get("MOORAGE_VM_TIMEOUT", "1200"))
 #: Seconds a kernel under KVM gets to print its banner.
@@ -246,6 +247,11 @@ def main() -> int:
         with locked(CACHE / "vm.lock"):
             accel, code = boot(entry, source, results, work)
         got = read_results(results)
+        keep = Path(os.environ.get("MOORAGE_VM_RESULTS", CACHE / "results"))
+        shutil.rmtree(keep, ignore_errors=True)
+        keep.mkdir(parents=True)
+        for name, data in got.items():
+            (keep / Path(name).name).write_bytes(data)
         if "status" not in got:
             log(f"the VM ended (qemu status {code}) without the lane's results; "
                 "its serial console ended with:")
@@ -261,7 +267,8 @@ def main() -> int:
             f"total {end - began:.0f} s")
         print("\n== node lane summary (from inside the VM) ==")
         sys.stdout.write(got.get("summary.txt", b"").decode(errors="replace"))
-        print(f"== node lane: {'passed' if status == 0 else f'FAILED (status {status})'} ==")
+        print(f"== node lane: {'passed' if status == 0 else f'FAILED (status {status})'} "
+              f"(JUnit files, logs and the service's journal in {keep}) ==")
         return status
     finally:
         shutil.rmtree(work, ignore_errors=True)
