@@ -739,6 +739,7 @@ class ContainerManager:
         for d in (self.paths.records, self.paths.run):
             await asyncio.to_thread(d.mkdir, parents=True, exist_ok=True, mode=0o711)
         self._empty_trash_soon()  # what a removal before a crash left
+        await asyncio.to_thread(self.storage.release_idmapped)  # what a mount before a crash left
         loaded = await asyncio.to_thread(lambda: list(records.load_all(self.paths.records, KIND)))
         for path, rec in loaded:
             c = None if isinstance(rec, records.RecordError) else _from_record(rec)
