@@ -23,6 +23,7 @@ from moorage.cri.v1 import api_pb2_grpc as pb_grpc
 from moorage.sandbox.cgroups import Layout
 from tests.e2e.test_containers import Env
 from tests.e2e.test_images import insecure_conf
+from tests.fixtures.daemon import CriClient
 from tests.fixtures.oci import Image, push_image
 from tests.fixtures.registry import Registry
 
@@ -57,7 +58,7 @@ def node_lane() -> str:
     return DRIVER
 
 
-class Service:
+class Service(CriClient):
     """The node's moorage service (systemd unit ``moorage``) and a client of its socket."""
 
     def __init__(self) -> None:
@@ -73,16 +74,6 @@ class Service:
         if self.channel is not None:
             self.channel.close()
             self.channel = None
-
-    @property
-    def runtime(self) -> pb_grpc.RuntimeServiceStub:
-        assert self.channel is not None
-        return pb_grpc.RuntimeServiceStub(self.channel)
-
-    @property
-    def images(self) -> pb_grpc.ImageServiceStub:
-        assert self.channel is not None
-        return pb_grpc.ImageServiceStub(self.channel)
 
     def systemctl(self, verb: str) -> None:
         """``systemctl <verb> moorage``; a start returns once the daemon sent READY=1
