@@ -189,6 +189,8 @@ class Monitor:
         #: cgroup v2 ``memory.events``, watched while the container runs (see listen).
         self.events_fd = -1
         self.oom_seen: int | None = None
+        #: The OOM kill count of the cgroup above the container's (the pod's), at start.
+        self.pod_oom_before: int | None = None
 
     # -- setting up ----------------------------------------------------------------------
 
@@ -303,6 +305,7 @@ class Monitor:
             self.events_fd = -1
             return
         self._on_memory_events()
+        self.pod_oom_before = read_oom_kills(os.path.dirname(self.memory_dir))
 
     def _on_memory_events(self) -> None:
         """Re-read ``memory.events`` (which also re-arms its POLLPRI); stop watching once
@@ -384,6 +387,8 @@ class Monitor:
             if pid == self.container_pid and self.exit_status is None:
                 self.exit_status = status
                 self.exited_at = time.time_ns()
+                if self.events_fd >= 0:
+                    self._on_memory_events()  # before systemd can remove the cgroup
             # Others: the worker, or orphans of the container reparented to us (subreaper).
 
     def _flush_stale(self) -> float:
@@ -622,9 +627,17 @@ class Monitor:
         if self.events_fd >= 0:
             self._on_memory_events()
         after = read_oom_kills(self.memory_dir)
+        gone = after is None
         if after is None or (self.oom_seen is not None and self.oom_seen > after):
             after = self.oom_seen  # the cgroup went with the container
         oom = oom_killed(self.oom_before, after)
+        if not oom and gone and sig == _signal.SIGKILL and self.pod_oom_before is not None:
+            # The cgroup was removed (the systemd driver's scope, as soon as it emptied)
+            # before its count could be read. The kernel counts a kill in every ancestor
+            # too: one in the pod's cgroup while this container, killed by SIGKILL, lived
+            # is taken for its own; nothing finer is left to read.
+            oom = oom_killed(self.pod_oom_before,
+                             read_oom_kills(os.path.dirname(self.memory_dir)))
         atomic_write(EXIT_FILE, encode_exit(code, self.exited_at, oom, sig))
         for name in (ATTACH_SOCKET, CTL_SOCKET):
             try:  # noqa: SIM105 (no contextlib here)
