@@ -31,9 +31,12 @@ apt-get update -qq
 # golang-github-containers-common is Debian's containers-common: /etc/containers/policy.json,
 # registries.conf (through golang-github-containers-image) and registries.conf.d/, shared
 # with podman, skopeo and buildah. A changed conffile is kept, never asked about.
+# apparmor: its parser loads moorage's default profile where the kernel enables AppArmor
+# (Debian's kernels do), which the daemon needs to start there. procps: the unit's
+# ExecReload runs its kill.
 apt-get install -y -qq -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
   python3 python3-venv runc conmon containernetworking-plugins catatonit iptables iproute2 \
-  golang-github-containers-common >/dev/null
+  golang-github-containers-common apparmor procps >/dev/null
 
 # Python packages from the lock's daemon part (exact versions, hashes checked), then
 # moorage itself without dependencies.

@@ -3,7 +3,8 @@
 #   sudo ./tests/run.sh [pytest args]
 #   sudo ./tests/run.sh --install-only      (what Dockerfile.test does at build time)
 # The integration tests use the real things: runc, overlayfs, a registry server
-# (Debian's docker-registry) on loopback, images built from busybox-static.
+# (Debian's docker-registry) on loopback, images built from busybox-static. The whole
+# suite is followed by the node lane, tests/vm/run.sh (a VM: systemd, cgroup v2).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
@@ -48,4 +49,10 @@ status=0
 "$venv/bin/ruff" check src tests || status=1
 "$venv/bin/mypy" || status=1
 "$venv/bin/pytest" -q -ra "$@" || status=$?
+# Then the node lane (docs/node.md): a Debian 12 VM with systemd and cgroup v2, running
+# moorage as install.sh installs it. Left out when pytest arguments pick a part of the
+# suite, or with MOORAGE_SKIP_NODE_LANE=1.
+if [ $# -eq 0 ] && [ -z "${MOORAGE_SKIP_NODE_LANE:-}" ]; then
+  ./tests/vm/run.sh || status=1
+fi
 exit $status

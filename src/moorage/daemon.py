@@ -274,6 +274,7 @@ class Daemon:
         self._stopping.set()
 
     async def serve(self) -> None:
+        systemd.take_environment()  # before any child (the monitor server, runtimes) starts
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)

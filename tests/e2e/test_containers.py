@@ -84,14 +84,24 @@ class Env:
         self.rt = d.runtime
         self._n = 0
 
-    def pod(self, name: str = "", runtime_handler: str = "", **linux: object) -> str:
+    def pod(self, name: str = "", runtime_handler: str = "", *, uid: str = "",
+            cgroup_parent: str = "", resources: pb.LinuxContainerResources | None = None,
+            **linux: object) -> str:
+        """A pod; ``linux`` are its namespace options."""
         self._n += 1
         name = name or f"pod{self._n}"
         cfg = pb.PodSandboxConfig(
-            metadata=pb.PodSandboxMetadata(name=name, namespace="ns", uid=f"uid-{name}"),
+            metadata=pb.PodSandboxMetadata(name=name, namespace="ns", uid=uid or f"uid-{name}"),
             hostname=name, log_directory=str(self.tmp / "logs" / name))
+        cfg.linux.cgroup_parent = cgroup_parent
+        if resources is not None:
+            cfg.linux.resources.CopyFrom(resources)
+        options = cfg.linux.security_context.namespace_options
         for key, value in linux.items():
-            setattr(cfg.linux.security_context.namespace_options, key, value)
+            if hasattr(value, "CopyFrom"):
+                getattr(options, key).CopyFrom(value)
+            else:
+                setattr(options, key, value)
         self.last_pod_config = cfg
         return str(self.rt.RunPodSandbox(pb.RunPodSandboxRequest(
             config=cfg, runtime_handler=runtime_handler), timeout=120).pod_sandbox_id)

@@ -18,6 +18,7 @@ import pytest
 
 from moorage.cri.v1 import api_pb2 as pb
 from tests.fixtures.daemon import Daemon
+from tests.fixtures.procs import has_arg, pids_where
 
 
 @pytest.fixture
@@ -191,6 +192,13 @@ def test_sd_notify_ready(tmp_path: Path) -> None:
         del os.environ["NOTIFY_SOCKET"]
     try:
         assert sock.recv(100) == b"READY=1"
+        # No child inherits the service manager's socket (an OCI runtime that finds it
+        # hands a notify socket to the container, and runc and crun then fail to start it).
+        servers = pids_where(lambda argv: has_arg(argv, "moorage.monitor")
+                             and has_arg(argv, d.runroot))
+        assert servers
+        for pid in servers:
+            assert b"NOTIFY_SOCKET=" not in Path(f"/proc/{pid}/environ").read_bytes()
     finally:
         d.stop()
         sock.close()

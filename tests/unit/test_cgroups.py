@@ -389,7 +389,7 @@ def test_invalid_slices(name: str) -> None:
             "systemd",
             "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1.slice",
         ),
-        ("", "systemd", "/system.slice"),
+        ("", "systemd", "/moorage.slice"),
     ],
 )
 def test_pod_cgroup_path(parent: str, driver: cgroups.Driver, path: str) -> None:
@@ -596,7 +596,8 @@ def test_v2_apply(v2: FakeCgroupfs) -> None:
         (Resources(memory_limit=1000), [("memory.max", "1000")]),
         (
             Resources(memory_limit=1000, memory_swap_limit=1000),
-            [("memory.max", "1000")],  # swap 0: nothing to write (runc)
+            # memory+swap equal to memory: no swap, so 0 is written (runc's fs2 does too)
+            [("memory.swap.max", "0"), ("memory.max", "1000")],
         ),
         (
             Resources(memory_limit=1000, memory_swap_limit=-1),
@@ -613,6 +614,44 @@ def test_v2_apply_values(v2: FakeCgroupfs, res: Resources, expected: list[object
     writes.clear()
     cg.apply(res)
     assert writes == expected
+
+
+@pytest.mark.parametrize(
+    ("res", "props"),
+    [
+        (Resources(), []),
+        (Resources(cpu_shares=1024, cpu_quota=50_000, cpu_period=100_000),
+         [("CPUWeight", ("t", 39)), ("CPUQuotaPerSecUSec", ("t", 500_000)),
+          ("CPUQuotaPeriodUSec", ("t", 100_000))]),
+        # systemd's granularity is 10 ms per second: rounded up, as runc does
+        (Resources(cpu_quota=12_345), [("CPUQuotaPerSecUSec", ("t", 130_000))]),
+        (Resources(cpu_quota=-1), [("CPUQuotaPerSecUSec", ("t", 2**64 - 1))]),
+        (Resources(memory_limit=1000, memory_swap_limit=1000),
+         [("MemoryMax", ("t", 1000)), ("MemorySwapMax", ("t", 0))]),
+        (Resources(memory_limit=1000, memory_swap_limit=3000),
+         [("MemoryMax", ("t", 1000)), ("MemorySwapMax", ("t", 2000))]),
+        (Resources(memory_limit=-1),
+         [("MemoryMax", ("t", 2**64 - 1)), ("MemorySwapMax", ("t", 2**64 - 1))]),
+        (Resources(pids_limit=-1), [("TasksMax", ("t", 2**64 - 1))]),
+        (Resources(cpuset_cpus="0-2,9", cpuset_mems="0"),
+         [("AllowedCPUs", ("ay", bytes([0b111, 0b10]))),
+          ("AllowedMemoryNodes", ("ay", b"\x01"))]),
+        (Resources(unified={"memory.high": "5000", "memory.low": "max", "io.weight": "50"}),
+         [("MemoryHigh", ("t", 5000)), ("MemoryLow", ("t", 2**64 - 1))]),
+    ],
+)
+def test_systemd_properties(res: Resources, props: list[object]) -> None:
+    assert cgroups.systemd_properties(res) == props
+
+
+@pytest.mark.parametrize(
+    "res",
+    [Resources(cpuset_cpus="0-x"), Resources(cpuset_mems="a"),
+     Resources(unified={"memory.high": "lots"})],
+)
+def test_systemd_properties_invalid(res: Resources) -> None:
+    with pytest.raises(InvalidArgument, match="linux.resources"):
+        cgroups.systemd_properties(res)
 
 
 def test_v2_swap_max_without_swap_accounting(v2: FakeCgroupfs) -> None:

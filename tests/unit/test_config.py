@@ -56,7 +56,8 @@ def test_relative_root_refused(tmp_path: Path) -> None:
 def test_cdi_spec_dirs(tmp_path: Path) -> None:
     cfg = config.load(_write(tmp_path / "m.toml", '[cdi]\nspec_dirs = ["/a", "/b"]\n'), tmp_path)
     assert cfg.cdi.spec_dirs == [Path("/a"), Path("/b")]
-    with pytest.raises(config.ConfigError, match=r"'cdi\.spec_dirs\.0': must be an absolute path \(got 'cdi'\)"):
+    with pytest.raises(config.ConfigError,
+                       match=r"'cdi\.spec_dirs\.0': must be an absolute path \(got 'cdi'\)"):
         config.load(_write(tmp_path / "m.toml", '[cdi]\nspec_dirs = ["cdi"]\n'), tmp_path)
 
 

@@ -80,6 +80,9 @@ def test_global_args(tmp_path: Path) -> None:
     assert rt.global_args == ["--root", str(tmp_path / "state")]
     rt = OciRuntime("runc", "runc", tmp_path, systemd_cgroup=True)
     assert rt.global_args == ["--root", str(tmp_path), "--systemd-cgroup"]
+    # What the monitor's create gets besides --root (it made cgroupfs cgroups without it).
+    assert rt.cgroup_args == ["--systemd-cgroup"]
+    assert OciRuntime("runc", "runc", tmp_path).cgroup_args == []
 
 
 def test_argv_resolves_in_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

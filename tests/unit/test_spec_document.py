@@ -204,7 +204,7 @@ def test_annotations() -> None:
             "kubepods-burstable-pod1.slice:moorage:abc",
         ),
         ("kubepods-pod1.slice", "systemd", "kubepods-pod1.slice:moorage:abc"),
-        ("", "systemd", "system.slice:moorage:abc"),
+        ("", "systemd", "moorage.slice:moorage:abc"),
     ],
 )
 def test_cgroups_path(parent: str, driver: str, expected: str) -> None:

@@ -100,6 +100,10 @@ class FakeContainers:
 
 
 class FakeSandboxes:
+    cgroup_driver = "cgroupfs"
+    #: The real one: it writes the fixture tree's files.
+    apply_resources = SandboxManager.apply_resources
+
     def __init__(self, layout: Layout) -> None:
         self.layout = layout
         self.items: dict[str, Sandbox] = {}

@@ -45,7 +45,7 @@ from moorage.errors import (
 from moorage.image.store import ImageStore
 from moorage.monitor.client import CreateRequest, ExitStatus, MonitorClient
 from moorage.oci.runtime import ExecResult, OciRuntime
-from moorage.sandbox import userns
+from moorage.sandbox import cgroups, userns
 from moorage.sandbox.manager import SandboxManager
 from moorage.sandbox.model import Mode, Sandbox
 from moorage.sandbox.model import State as SandboxState
@@ -344,7 +344,8 @@ class ContainerManager:
         runtime = self.runtimes[c.runtime_handler]
         created = await self.monitor.create(CreateRequest(
             id=c.id, bundle=str(state_dir), runtime=runtime.binary_path(),
-            runtime_root=str(runtime.root), runtime_args=[], state_dir=str(state_dir),
+            runtime_root=str(runtime.root), runtime_args=runtime.cgroup_args,
+            state_dir=str(state_dir),
             log_path=c.log_path or str(state_dir / "ctr.log"), tty=c.spec.tty,
             stdin=c.spec.stdin, stdin_once=c.spec.stdin_once, log_max_line=self.log_max_line,
             cgroup_memory_dir=self._memory_dir(c),
@@ -466,10 +467,11 @@ class ContainerManager:
         return f"/proc/{target.pid}/ns/pid"
 
     def _memory_dir(self, c: Container) -> str:
+        """The container's memory cgroup (the systemd driver's scope too), for OOM kills."""
         path = c.extra.get("cgroups_path", "")
-        if self.memory_cgroup_root is None or not path or ":" in path:
+        if self.memory_cgroup_root is None or not path:
             return ""
-        return str(self.memory_cgroup_root / path.lstrip("/"))
+        return str(self.memory_cgroup_root / cgroups.container_cgroup_path(path).lstrip("/"))
 
     # -- exits ---------------------------------------------------------------------------
 
@@ -737,6 +739,7 @@ class ContainerManager:
         for d in (self.paths.records, self.paths.run):
             await asyncio.to_thread(d.mkdir, parents=True, exist_ok=True, mode=0o711)
         self._empty_trash_soon()  # what a removal before a crash left
+        await asyncio.to_thread(self.storage.release_idmapped)  # what a mount before a crash left
         loaded = await asyncio.to_thread(lambda: list(records.load_all(self.paths.records, KIND)))
         for path, rec in loaded:
             c = None if isinstance(rec, records.RecordError) else _from_record(rec)

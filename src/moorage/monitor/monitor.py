@@ -59,6 +59,7 @@ from moorage.monitor.protocol import (
     STREAM_STDOUT,
     encode_exit,
     exit_code_of,
+    oom_kill_count,
     oom_killed,
     parse_ctl,
     read_oom_kills,
@@ -185,6 +186,11 @@ class Monitor:
         self.exit_status: int | None = None
         self.exited_at = 0
         self.oom_before: int | None = None
+        #: cgroup v2 ``memory.events``, watched while the container runs (see listen).
+        self.events_fd = -1
+        self.oom_seen: int | None = None
+        #: The OOM kill count of the cgroup above the container's (the pod's), at start.
+        self.pod_oom_before: int | None = None
 
     # -- setting up ----------------------------------------------------------------------
 
@@ -276,6 +282,43 @@ class Monitor:
             self.ep.register(fd, _IN)
         if self.stdin_fd >= 0:
             self.ep.register(self.stdin_fd, 0)
+        self._watch_memory_events()
+
+    def _watch_memory_events(self) -> None:
+        """cgroup v2: watch the container's ``memory.events`` (the kernel signals each
+        change, as POLLPRI) and keep the last OOM kill count read. Its cgroup may be gone by
+        the time the container has exited and been reaped (the systemd driver's scope is
+        removed by systemd as soon as it is empty), so the count is read while it lives,
+        as conmon does. v1 has no such events; its cgroup stays until the runtime's delete.
+        """
+        if not self.memory_dir:
+            return
+        try:
+            self.events_fd = os.open(os.path.join(self.memory_dir, "memory.events"),
+                                     os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            self.ep.register(self.events_fd, select.EPOLLPRI)
+        except OSError:  # not a cgroup file (EPERM: no poll support)
+            os.close(self.events_fd)
+            self.events_fd = -1
+            return
+        self._on_memory_events()
+        self.pod_oom_before = read_oom_kills(os.path.dirname(self.memory_dir))
+
+    def _on_memory_events(self) -> None:
+        """Re-read ``memory.events`` (which also re-arms its POLLPRI); stop watching once
+        the cgroup is gone."""
+        try:
+            count = oom_kill_count(os.pread(self.events_fd, 4096, 0).decode("ascii", "replace"))
+        except OSError:
+            self.ep.unregister(self.events_fd)
+            os.close(self.events_fd)
+            self.events_fd = -1
+            return
+        if count is not None:
+            self.oom_seen = max(count, self.oom_seen or 0)
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -298,6 +341,8 @@ class Monitor:
             self._on_output(fd)
         elif fd == self.wake_r:
             self._reap()
+        elif fd == self.events_fd:
+            self._on_memory_events()
         elif fd in self.clients:
             self._on_client(self.clients[fd], mask)
         elif fd == self.stdin_fd:
@@ -342,6 +387,8 @@ class Monitor:
             if pid == self.container_pid and self.exit_status is None:
                 self.exit_status = status
                 self.exited_at = time.time_ns()
+                if self.events_fd >= 0:
+                    self._on_memory_events()  # before systemd can remove the cgroup
             # Others: the worker, or orphans of the container reparented to us (subreaper).
 
     def _flush_stale(self) -> float:
@@ -577,7 +624,20 @@ class Monitor:
             self._write_log(splitter.flush(ts))
         status = self.exit_status if self.exit_status is not None else 0
         code, sig = exit_code_of(status)
-        oom = oom_killed(self.oom_before, read_oom_kills(self.memory_dir))
+        if self.events_fd >= 0:
+            self._on_memory_events()
+        after = read_oom_kills(self.memory_dir)
+        gone = after is None
+        if after is None or (self.oom_seen is not None and self.oom_seen > after):
+            after = self.oom_seen  # the cgroup went with the container
+        oom = oom_killed(self.oom_before, after)
+        if not oom and gone and sig == _signal.SIGKILL and self.pod_oom_before is not None:
+            # The cgroup was removed (the systemd driver's scope, as soon as it emptied)
+            # before its count could be read. The kernel counts a kill in every ancestor
+            # too: one in the pod's cgroup while this container, killed by SIGKILL, lived
+            # is taken for its own; nothing finer is left to read.
+            oom = oom_killed(self.pod_oom_before,
+                             read_oom_kills(os.path.dirname(self.memory_dir)))
         atomic_write(EXIT_FILE, encode_exit(code, self.exited_at, oom, sig))
         for name in (ATTACH_SOCKET, CTL_SOCKET):
             try:  # noqa: SIM105 (no contextlib here)

@@ -200,10 +200,13 @@ class OciRuntime:
 
     @property
     def global_args(self) -> list[str]:
-        args = ["--root", str(self.root)]
-        if self.systemd_cgroup:
-            args.append("--systemd-cgroup")
-        return args
+        return ["--root", str(self.root), *self.cgroup_args]
+
+    @property
+    def cgroup_args(self) -> list[str]:
+        """The global options of the cgroup driver (``--systemd-cgroup``), which every
+        command that makes or changes a cgroup needs, the monitor's ``create`` too."""
+        return ["--systemd-cgroup"] if self.systemd_cgroup else []
 
     def binary_path(self) -> str:
         """The runtime binary's path (looked up in PATH once)."""

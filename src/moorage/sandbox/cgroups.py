@@ -14,11 +14,11 @@ Limits follow runc's translation of the OCI ``LinuxResources`` (which is what ku
 ``LinuxContainerResources`` becomes): the same files, the same v1 -> v2 conversions, the
 same write order where the kernel cares.
 
-The systemd driver: :func:`pod_cgroup_path` converts a slice name to its path, so the spec
-generation of the systemd driver is testable anywhere. Creating a slice for real belongs to
-systemd (a transient unit over D-Bus), which is out of scope: the daemon refuses the systemd
-driver at start when PID 1 is not systemd, and on a systemd host kubelet creates the pod
-slices itself before RunPodSandbox.
+The systemd driver: :func:`pod_cgroup_path` converts a slice name to its path; the slice is
+a unit of systemd's (:class:`PodSlice`), made over D-Bus where kubelet has not made it, its
+limits set as unit properties and in the files. Containers get a transient scope each from
+the OCI runtime (``--systemd-cgroup``), as with CRI-O. The daemon refuses the systemd driver
+at start when PID 1 is not systemd.
 
 What the node can enforce is probed with the hierarchies (:meth:`Layout.detect`, at daemon
 start and on SIGHUP): the page sizes of ``/sys/kernel/mm/hugepages``, swap accounting, and
@@ -51,6 +51,7 @@ from typing import Literal
 
 from moorage import log
 from moorage.errors import FailedPrecondition, InvalidArgument
+from moorage.util import systemd
 
 __all__ = [
     "DEFAULT_CGROUPFS_PARENT",
@@ -60,21 +61,24 @@ __all__ = [
     "V2_CONTROLLERS",
     "Layout",
     "PodCgroup",
+    "PodSlice",
     "Resources",
     "check_resources",
+    "container_cgroup_path",
     "cpu_weight",
     "hugepage_sizes",
     "memory_swap_v2",
     "pod_cgroup_path",
+    "systemd_properties",
     "systemd_slice_path",
 ]
 
 Driver = Literal["cgroupfs", "systemd"]
 
 #: Parents of pods that come without ``linux.cgroup_parent`` (CRI-O uses "/crio" and
-#: "system.slice").
+#: "system.slice"): each such pod gets ``/moorage/<id>`` or ``moorage-pod<id>.slice``.
 DEFAULT_CGROUPFS_PARENT = "/moorage"
-DEFAULT_SYSTEMD_PARENT = "system.slice"
+DEFAULT_SYSTEMD_PARENT = "moorage.slice"
 
 #: Controller names a cgroup v1 mount can carry (its super options); named hierarchies
 #: (``name=systemd``) are hierarchies too.
@@ -363,6 +367,22 @@ def systemd_slice_path(slice_name: str) -> str:
     return path
 
 
+def container_cgroup_path(cgroups_path: str) -> str:
+    """The cgroup path (relative to each hierarchy's root) of an OCI ``linux.cgroupsPath``.
+
+    cgroupfs: the path itself (``/kubepods/pod<uid>/moorage-<id>``). systemd: runc's
+    ``slice:prefix:name`` means the scope ``<prefix>-<name>.scope`` in the slice's path
+    (``kubepods-pod1.slice:moorage:abc`` ->
+    ``/kubepods.slice/kubepods-pod1.slice/moorage-abc.scope``).
+    """
+    if ":" in cgroups_path:
+        slice_name, prefix, name = [*cgroups_path.split(":"), "", ""][:3]
+        parent = systemd_slice_path(slice_name or "system.slice").rstrip("/")
+        unit = f"{prefix}-{name}.scope" if prefix else f"{name}.scope"
+        return f"{parent}/{unit}"
+    return "/" + cgroups_path.lstrip("/")
+
+
 def _check_cgroup_path(path: str, what: str) -> str:
     if not path.startswith("/"):
         raise InvalidArgument(f"{what}: {path!r} must be an absolute cgroup path")
@@ -498,6 +518,82 @@ def check_resources(res: Resources, field_: str) -> None:
 
 def _max(value: int) -> str:
     return "max" if value < 0 else str(value)
+
+
+# -- the systemd driver's unit properties ----------------------------------------------------
+
+#: cgroup v2 files of ``unified`` that systemd has a unit property for (the rest are written
+#: to the files only, as runc does).
+_UNIFIED_PROPERTIES = {"memory.min": "MemoryMin", "memory.low": "MemoryLow",
+                       "memory.high": "MemoryHigh", "memory.max": "MemoryMax",
+                       "memory.swap.max": "MemorySwapMax", "pids.max": "TasksMax"}
+
+
+def _limit_property(value: int) -> tuple[str, int]:
+    return ("t", systemd.INFINITY if value < 0 else value)
+
+
+def cpu_quota_per_sec(quota: int, period: int) -> int:
+    """systemd's ``CPUQuotaPerSecUSec`` from a CFS quota and period, rounded up to systemd's
+    granularity of 10 ms per second (runc's conversion); INFINITY for no quota."""
+    if quota < 0:
+        return systemd.INFINITY
+    per_sec = quota * 1_000_000 // (period or 100_000)
+    return -(-per_sec // 10_000) * 10_000
+
+
+def cpuset_bits(cpus: str, what: str) -> bytes:
+    """systemd's ``AllowedCPUs``/``AllowedMemoryNodes`` bit mask from a cpuset list
+    ("0-2,5"): byte i holds CPUs 8i..8i+7, lowest bit first."""
+    mask = 0
+    for part in cpus.split(","):
+        low, _, high = part.strip().partition("-")
+        if not low.isdigit() or (high and not high.isdigit()):
+            raise InvalidArgument(f"{what}: {cpus!r} is not a list of ranges like '0-2,5'")
+        for n in range(int(low), int(high or low) + 1):
+            mask |= 1 << n
+    return mask.to_bytes((mask.bit_length() + 7) // 8 or 1, "little")
+
+
+def systemd_properties(res: Resources) -> list[systemd.Property]:
+    """The unit properties that express ``res`` to systemd (kubelet's and runc's systemd
+    drivers set the same): systemd then writes those files itself and keeps them when it
+    applies the unit's settings again. hugetlb and the ``unified`` files systemd has no
+    property for are written to the files only."""
+    props: list[systemd.Property] = []
+    if res.cpu_shares:
+        props.append(("CPUWeight", ("t", cpu_weight(res.cpu_shares))))
+    if res.cpu_quota:
+        props.append(("CPUQuotaPerSecUSec",
+                      ("t", cpu_quota_per_sec(res.cpu_quota, res.cpu_period))))
+    if res.cpu_period:
+        props.append(("CPUQuotaPeriodUSec", ("t", res.cpu_period)))
+    if res.memory_limit:
+        props.append(("MemoryMax", _limit_property(res.memory_limit)))
+    if res.memory_limit or res.memory_swap_limit:
+        swap = memory_swap_v2(res.memory_swap_limit, res.memory_limit)
+        if swap or res.memory_swap_limit > 0:
+            props.append(("MemorySwapMax", _limit_property(swap)))
+    if res.pids_limit:
+        props.append(("TasksMax", _limit_property(res.pids_limit)))
+    if res.cpuset_cpus:
+        props.append(("AllowedCPUs",
+                      ("ay", cpuset_bits(res.cpuset_cpus, "linux.resources.cpuset_cpus"))))
+    if res.cpuset_mems:
+        props.append(("AllowedMemoryNodes",
+                      ("ay", cpuset_bits(res.cpuset_mems, "linux.resources.cpuset_mems"))))
+    for key, value in res.unified.items():
+        name = _UNIFIED_PROPERTIES.get(key)
+        if name is None:
+            continue
+        if value.strip() == "max":
+            props.append((name, ("t", systemd.INFINITY)))
+        elif value.strip().isdigit():
+            props.append((name, ("t", int(value))))
+        else:
+            raise InvalidArgument(f"linux.resources.unified: {key} = {value!r} is not a "
+                                  "number of bytes or 'max'")
+    return props
 
 
 # -- the pod cgroup -------------------------------------------------------------------------
@@ -698,7 +794,9 @@ class PodCgroup:
             _write(d / "cpu.weight", str(cpu_weight(res.cpu_shares)))
         if res.memory_limit or res.memory_swap_limit:
             swap = memory_swap_v2(res.memory_swap_limit, res.memory_limit)
-            if swap:
+            # A swap limit equal to the memory limit (what kubelet sends when the pod may
+            # not swap) is "no swap": 0, written (runc does the same).
+            if swap or res.memory_swap_limit > 0:
                 value = _max(swap)
                 target = d / "memory.swap.max"
                 try:
@@ -753,6 +851,55 @@ class PodCgroup:
             time.sleep(delay)
             delay *= 2
         return f"{directory}: busy"
+
+
+class PodSlice:
+    """A pod's slice with the systemd driver: a unit of systemd's. kubelet makes it (a
+    transient slice) before RunPodSandbox; where it has not, moorage does the same over
+    D-Bus and stops it at removal. Limits are set as unit properties, so that systemd writes
+    them and keeps them when it applies the unit's settings again (it writes its own values,
+    the defaults for what it was not told, whenever it realizes the slice), and then in the
+    files too, for what systemd has no property for (hugetlb, most ``unified`` keys) and
+    for the exact CPU quota (systemd rounds it to 10 ms per second), as runc does.
+    """
+
+    def __init__(self, layout: Layout, name: str) -> None:
+        self.name = name
+        self.cgroup = PodCgroup(layout, systemd_slice_path(name))
+
+    def __repr__(self) -> str:
+        return f"PodSlice({self.name!r})"
+
+    def exists(self) -> bool:
+        with systemd.Manager() as manager:
+            return manager.active_state(self.name) == "active"
+
+    def create(self, description: str, res: Resources | None) -> None:
+        """Start the slice as a transient unit with ``res`` (kubelet's properties for its
+        pod slices: accounting on, no default dependencies)."""
+        props: list[systemd.Property] = [
+            ("Description", ("s", description)), ("DefaultDependencies", ("b", False)),
+            *((name, ("b", True)) for name in ("CPUAccounting", "MemoryAccounting",
+                                               "IOAccounting", "TasksAccounting")),
+        ]
+        if res is not None:
+            props += systemd_properties(res)
+        with systemd.Manager() as manager:
+            manager.start_transient_unit(self.name, props)
+        if res is not None:
+            self.cgroup.apply(res)
+
+    def apply(self, res: Resources) -> None:
+        props = systemd_properties(res)  # refuses bad values before anything changes
+        with systemd.Manager() as manager:
+            manager.set_properties(self.name, props)
+        self.cgroup.apply(res)
+
+    def remove(self) -> None:
+        """Stop the slice (systemd removes its cgroup); a slice systemd no longer has is
+        removed already."""
+        with systemd.Manager() as manager:
+            manager.stop_unit(self.name)
 
 
 #: The prefix of our cgroups below a pod cgroup: each container's (runc makes it) and the

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import posixpath
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -299,6 +300,9 @@ class SandboxManager:
     async def _make_cgroup(self, sb: Sandbox) -> None:
         """The pod cgroup (kubelet usually made it; what is missing is created, recorded)."""
         spec = sb.spec
+        if self.cgroup_driver == "systemd":
+            await self._make_slice(sb)
+            return
         pod_cgroup = cgroups.PodCgroup(self.layout, sb.cgroup_path)
         created = await asyncio.to_thread(_make_cgroup, pod_cgroup, spec.log_directory)
         # The shared default parent (for pods that name none) outlives any one pod.
@@ -307,6 +311,36 @@ class SandboxManager:
         await self._save(sb)
         if spec.resources is not None:
             await asyncio.to_thread(pod_cgroup.apply, spec.resources)
+
+    async def _make_slice(self, sb: Sandbox) -> None:
+        """The systemd driver's pod slice: kubelet's, or one started here (recorded first,
+        so that a crash before it is stopped at the next start), with the pod's limits."""
+        spec = sb.spec
+        pod_slice = self._pod_slice(sb)
+        if spec.log_directory:
+            await asyncio.to_thread(Path(spec.log_directory).mkdir, parents=True,
+                                    exist_ok=True, mode=0o755)
+        if await asyncio.to_thread(pod_slice.exists):
+            if spec.resources is not None:
+                await asyncio.to_thread(pod_slice.apply, spec.resources)
+            return
+        sb.slice_created = pod_slice.name
+        await self._save(sb)
+        await asyncio.to_thread(pod_slice.create, f"moorage pod {spec.namespace}/{spec.name} "
+                                f"({sb.id[:12]})", spec.resources)
+
+    def _pod_slice(self, sb: Sandbox) -> cgroups.PodSlice:
+        return cgroups.PodSlice(self.layout, posixpath.basename(self._pod_cgroup(sb)))
+
+    async def apply_resources(self, sb: Sandbox, res: cgroups.Resources) -> None:
+        """UpdatePodSandboxResources: the pod cgroup's new limits (with the systemd driver,
+        the slice's properties too)."""
+        if not sb.cgroup_path:
+            raise FailedPrecondition(f"pod sandbox {sb.id} has no cgroup")
+        if self.cgroup_driver == "systemd":
+            await asyncio.to_thread(self._pod_slice(sb).apply, res)
+        else:
+            await asyncio.to_thread(cgroups.PodCgroup(self.layout, sb.cgroup_path).apply, res)
 
     async def _pin(self, sb: Sandbox, want: namespaces.PinnedNamespaces) -> None:
         """The namespaces, made by the pinns helper with hostname and sysctls applied (with
@@ -375,8 +409,8 @@ class SandboxManager:
                       and child.is_dir()):
                     cgroups.kill_members(child)
                     owned.add(child)
-            if not sb.spec.cgroup_parent:
-                owned.add(d)
+            if not sb.spec.cgroup_parent and self.cgroup_driver == "cgroupfs":
+                owned.add(d)  # (a slice of ours is stopped instead)
         return sorted(owned)
 
     def _cgroup_path(self, sb: Sandbox) -> str:
@@ -384,7 +418,10 @@ class SandboxManager:
         if sb.spec.cgroup_parent:
             return cgroups.pod_cgroup_path(sb.spec.cgroup_parent, driver)  # type: ignore[arg-type]
         # No parent given (crictl, tests): a cgroup of its own under moorage's default, so
-        # one pod's limits never apply to another.
+        # one pod's limits never apply to another (systemd: a slice in moorage.slice).
+        if driver == "systemd":
+            return cgroups.systemd_slice_path(f"{cgroups.DEFAULT_SYSTEMD_PARENT[:-6]}-pod"
+                                              f"{sb.id[:16]}.slice")
         return cgroups.pod_cgroup_path("", driver) + f"/{sb.id[:16]}"  # type: ignore[arg-type]
 
     # -- StopPodSandbox / RemovePodSandbox ----------------------------------------------
@@ -447,6 +484,11 @@ class SandboxManager:
             pod_cgroup = cgroups.PodCgroup(self.layout, self._pod_cgroup(sb))
             try:
                 await asyncio.to_thread(pod_cgroup.remove, owned)
+            except MoorageError as e:
+                log_.warning("sandbox.cgroup_remove_failed", error=e.message)
+        if sb.slice_created:
+            try:
+                await asyncio.to_thread(self._pod_slice(sb).remove)
             except MoorageError as e:
                 log_.warning("sandbox.cgroup_remove_failed", error=e.message)
         await asyncio.to_thread(remove_tree, Path(sb.files_dir or run_dir))

@@ -86,6 +86,8 @@ class Sandbox:
     state: State = State.CREATING
     cgroup_path: str = ""
     cgroup_created: list[str] = field(default_factory=list)
+    #: The systemd driver's pod slice, when moorage started it (stopped at removal).
+    slice_created: str = ""
     files_dir: str = ""
     shm_path: str = ""
     ips: list[str] = field(default_factory=list)

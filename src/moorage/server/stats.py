@@ -7,7 +7,6 @@ service's ``containers`` (ContainerManager), ``sandboxes`` (SandboxManager) and 
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from typing import TypeVar
@@ -17,7 +16,7 @@ from moorage.container.model import State as ContainerState
 from moorage.cri.v1 import api_pb2 as pb
 from moorage.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from moorage.events import ContainerEvent, EventBroadcaster, EventsLost, EventType
-from moorage.sandbox.cgroups import PodCgroup, Resources
+from moorage.sandbox.cgroups import Resources
 from moorage.sandbox.manager import SandboxFilter, SandboxManager
 from moorage.sandbox.model import Sandbox
 from moorage.server.container import to_status as container_status
@@ -356,10 +355,7 @@ class StatsRpcs:
         sb = self.sandboxes.get(request.pod_sandbox_id)
         res = pod_resources(request)
         if res is not None:
-            if not sb.cgroup_path:
-                raise FailedPrecondition(f"pod sandbox {sb.id} has no cgroup")
-            cg = PodCgroup(self.sandboxes.layout, sb.cgroup_path)
-            await asyncio.to_thread(cg.apply, res)
+            await self.sandboxes.apply_resources(sb, res)
         return pb.UpdatePodSandboxResourcesResponse()
 
     @unary

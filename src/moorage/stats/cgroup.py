@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from moorage.sandbox.cgroups import Layout, systemd_slice_path
+from moorage.sandbox.cgroups import Layout, container_cgroup_path
 
 __all__ = [
     "UNLIMITED_V1",
@@ -181,22 +181,6 @@ class CgroupLocation:
     version: int
     v1: Mapping[str, Path]
     unified: Path | None = None
-
-
-def container_cgroup_path(cgroups_path: str) -> str:
-    """The cgroup path (relative to each hierarchy's root) of an OCI ``linux.cgroupsPath``.
-
-    cgroupfs: the path itself (``/kubepods/pod<uid>/moorage-<id>``). systemd: runc's
-    ``slice:prefix:name`` means the scope ``<prefix>-<name>.scope`` in the slice's path
-    (``kubepods-pod1.slice:moorage:abc`` ->
-    ``/kubepods.slice/kubepods-pod1.slice/moorage-abc.scope``).
-    """
-    if ":" in cgroups_path:
-        slice_name, prefix, name = [*cgroups_path.split(":"), "", ""][:3]
-        parent = systemd_slice_path(slice_name or "system.slice").rstrip("/")
-        unit = f"{prefix}-{name}.scope" if prefix else f"{name}.scope"
-        return f"{parent}/{unit}"
-    return "/" + cgroups_path.lstrip("/")
 
 
 def locate(layout: Layout, path: str) -> CgroupLocation:

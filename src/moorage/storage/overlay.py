@@ -31,8 +31,9 @@ resolves them at mount time, and ``mount`` recreates them from ``lower.json``.
 owned by host ids (mostly root); the pod's root is an unprivileged host uid ``H``. As
 containerd's overlay snapshotter and containers/storage do on kernels that allow it, each
 lower layer is given to overlayfs as an *idmapped* mount (``open_tree`` clone +
-``mount_setattr(MOUNT_ATTR_IDMAP)`` with the pod's user namespace, referenced in the mount
-data as ``/proc/self/fd/N``: shorter than a link name): a file of host root shows as owned
+``mount_setattr(MOUNT_ATTR_IDMAP)`` with the pod's user namespace, attached below
+``idm/`` for the moment of the mount: kernels before 6.15 refuse a detached one as a
+layer): a file of host root shows as owned
 by ``H``, i.e. by root in the pod. The upper directory (and the image volumes made in it)
 is chowned to the pod's root, so what the container writes lands in it as host ``H``. The
 overlay itself cannot be idmapped (overlayfs does not allow it), nor can its upper layer
@@ -51,8 +52,9 @@ import json
 import os
 import re
 import stat
+import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,7 +74,7 @@ from moorage.util.fs import (
     remove_tree,
     tree_usage,
 )
-from moorage.util.idmap import MappedUserNamespace, clone_idmapped, detach
+from moorage.util.idmap import MappedUserNamespace, clone_idmapped, detach, move_mount
 
 _log = log.get("moorage.storage")
 
@@ -243,7 +245,7 @@ class ContainerStorage:
         self, lower: Sequence[str], upper: str | None, index_off: bool = False
     ) -> str:
         """Overlay mount data: ``lower`` entries top first (``l/<name>`` short links, or
-        idmapped layers as ``/proc/self/fd/N``), with ``<upper>/upper`` and
+        idmapped layers attached below ``idm/``), with ``<upper>/upper`` and
         ``<upper>/work`` when given (no upper: a read-only overlay)."""
         data = f"lowerdir={':'.join(lower)}"
         if upper is not None:
@@ -269,14 +271,8 @@ class ContainerStorage:
                 names = [self._ensure_link(p) for p in lowers]
             yield [f"l/{n}" for n in reversed(names)]
             return
-        fds: list[int] = []
-        try:
-            for p in reversed(lowers):
-                fds.append(_clone_layer(p, userns.fd))
-            yield [f"/proc/self/fd/{fd}" for fd in fds]
-        finally:
-            for fd in fds:
-                os.close(fd)
+        with _attached_idmapped(self.root, reversed(lowers), userns.fd) as names:
+            yield names
 
     def _mount(
         self,
@@ -455,6 +451,11 @@ class ContainerStorage:
         else:
             remove_tree(d)
 
+    def release_idmapped(self) -> None:
+        """At start (no mount is under way): detach and remove the idmapped layers a crash
+        in the middle of an overlay mount left attached."""
+        _release_idmapped(self.root)
+
     def empty_trash(self) -> None:
         """Delete what ``remove(..., later=True)`` left in ``trash/``."""
         empty_trash(self.trash)
@@ -508,16 +509,11 @@ def idmap_problem(directory: Path, userns: MappedUserNamespace) -> str | None:
         (scratch / "lower" / "f").write_bytes(b"")
         os.chown(scratch / "upper", *expected)
         try:
-            fd = clone_idmapped(str(scratch / "lower"), userns.fd)
-        except OSError as e:
-            return f"the filesystem of {directory} cannot be idmapped: {e.strerror or e}"
-        try:
-            err = _mount_in(
-                scratch, str(scratch / "merged"),
-                f"lowerdir=/proc/self/fd/{fd},upperdir=upper,workdir=work",
-            )
-        finally:
-            os.close(fd)
+            with _attached_idmapped(scratch, [scratch / "lower"], userns.fd) as names:
+                err = _mount_in(scratch, str(scratch / "merged"),
+                                f"lowerdir={names[0]},upperdir=upper,workdir=work")
+        except FailedPrecondition as e:
+            return f"the filesystem of {directory} cannot be idmapped: {e.message}"
         if err:
             return f"overlayfs refused an idmapped lower layer in {directory}: {os.strerror(err)}"
         try:
@@ -561,6 +557,53 @@ def check_image_sub_path(sub_path: str, field: str) -> list[str]:
     if ".." in parts:
         raise InvalidArgument(f"{field}: {sub_path!r} must not contain '..'")
     return parts
+
+
+#: Where idmapped layers are attached for the moment of an overlay mount (under ``root``).
+IDMAPPED_DIR = "idm"
+
+
+@contextlib.contextmanager
+def _attached_idmapped(root: Path, layers: Iterable[Path], userns_fd: int
+                       ) -> Iterator[list[str]]:
+    """Each layer idmapped into ``userns_fd`` and attached below ``<root>/idm/<random>/``,
+    for as long as an overlay mount takes (overlayfs keeps private copies of its layers):
+    their paths relative to ``root``, in order. Attached, not passed as the detached
+    mounts' ``/proc/self/fd/N``: kernels before 6.15 refuse a detached mount as a layer
+    (EINVAL; Debian 12's 6.1 among them). A crash in between leaves mounts below
+    ``idm/``, which :meth:`ContainerStorage.release_idmapped` (at start) removes."""
+    base = root / IDMAPPED_DIR
+    base.mkdir(mode=0o700, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(dir=base))
+    attached: list[Path] = []
+    try:
+        for n, layer in enumerate(layers):
+            fd = _clone_layer(layer, userns_fd)
+            try:
+                target = scratch / str(n)
+                target.mkdir()
+                move_mount(fd, str(target))
+                attached.append(target)
+            finally:
+                os.close(fd)
+        yield [str(t.relative_to(root)) for t in attached]
+    finally:
+        for target in attached:
+            with contextlib.suppress(OSError):
+                detach(str(target))
+        remove_tree(scratch)
+
+
+def _release_idmapped(root: Path) -> None:
+    """Detach and remove what a crashed overlay mount left attached below ``<root>/idm``."""
+    base = root / IDMAPPED_DIR
+    if not base.is_dir():
+        return
+    for scratch in base.iterdir():
+        for target in scratch.iterdir() if scratch.is_dir() else ():
+            with contextlib.suppress(OSError):
+                detach(str(target))
+        remove_tree(scratch)
 
 
 def _mount_in(cwd: Path, target: str, data: str, flags: int = 0) -> int:
