@@ -53,19 +53,25 @@ note "deploy/install.sh: $(secs "$began") s; moorage.service" \
 note "runc: $(runc --version | head -1); crun: $(crun --version | head -1)"
 
 status=0
-# Each part: the cgroup driver the node's moorage is configured with, and its tests.
-for part in "systemd tests/node" "cgroupfs tests/node/test_cgroups.py tests/node/test_stats.py"; do
-  read -r driver files <<<"$part"
+# Each part: a name, the environment of its tests, the tests. The node parts reconfigure
+# the installed service for a cgroup driver (tests/node/conftest.py); the replay of kubelet's
+# recorded requests runs its own hermetic test daemon beside that service, with each driver.
+parts=(
+  "systemd|MOORAGE_NODE_LANE=systemd|tests/node"
+  "cgroupfs|MOORAGE_NODE_LANE=cgroupfs|tests/node/test_cgroups.py tests/node/test_stats.py"
+  "replay|MOORAGE_TEST_CGROUP_DRIVER=systemd,cgroupfs|tests/e2e/test_kubelet_replay.py"
+)
+for part in "${parts[@]}"; do
+  IFS='|' read -r name setting files <<<"$part"
   began=$SECONDS
-  echo "== part: cgroup driver $driver =="
+  echo "== part: $name ($setting) =="
   # shellcheck disable=SC2086
-  MOORAGE_NODE_LANE=$driver /opt/moorage-lane/bin/python -m pytest -p no:cacheprovider \
-    -q -ra --junitxml="$out/$driver.xml" $files 2>&1 | tee "$out/$driver.log"
+  env "$setting" /opt/moorage-lane/bin/python -m pytest -p no:cacheprovider \
+    -q -ra --junitxml="$out/$name.xml" $files 2>&1 | tee "$out/$name.log"
   rc=${PIPESTATUS[0]}
   line=$(grep -E '^(=+ )?[0-9]+ (passed|failed|skipped|errors?|deselected).* in [0-9.]+s' \
-         "$out/$driver.log" | tail -1 | tr -d '=' | xargs)
-  note "part '$driver' (cgroup driver $driver): ${line:-no pytest summary} (exit $rc," \
-       "$(secs "$began") s)"
+         "$out/$name.log" | tail -1 | tr -d '=' | xargs)
+  note "part '$name' ($setting): ${line:-no pytest summary} (exit $rc, $(secs "$began") s)"
   [ "$rc" -eq 0 ] || status=1
 done
 finish "$status"
