@@ -50,6 +50,7 @@ from moorage.sandbox.model import State as SandboxState
 from moorage.state import records
 from moorage.storage.overlay import ContainerStorage
 from moorage.util import codec, idmap
+from moorage.util.crash import crashpoint
 from moorage.util.fs import (
     atomic_write,
     discard_tree,
@@ -268,6 +269,7 @@ class ContainerManager:
         try:
             async with self._lock(c.id):
                 await self._save(c)
+                crashpoint("container.create.recorded")
                 try:
                     await self._create(c, sb)
                 except BaseException as e:
@@ -287,18 +289,21 @@ class ContainerManager:
         view = self.sandbox_view(sb)
         # Everything up to the runtime's own create is blocking file work: one thread hop.
         await asyncio.to_thread(self._prepare, c, sb, view, self._target_pid_ns(c.spec))
+        crashpoint("container.create.prepared")
         runtime = self.runtimes[c.runtime_handler]
         created = await self.monitor.create(CreateRequest(
             id=c.id, bundle=str(state_dir), runtime=runtime.binary_path(),
             runtime_root=str(runtime.root), runtime_args=[], state_dir=str(state_dir),
             log_path=c.log_path or str(state_dir / "ctr.log"), tty=c.spec.tty,
             stdin=c.spec.stdin, stdin_once=c.spec.stdin_once, log_max_line=self.log_max_line,
-            cgroup_memory_dir=self._memory_dir(c),
+            cgroup_memory_dir=self._memory_dir(c), timeout=runtime.create_timeout,
         ))
+        crashpoint("container.create.runtime_created")
         c.pid, c.monitor_pid = created.pid, created.monitor_pid
         c.extra["monitor_start"] = _start_time(created.monitor_pid)
         c.state = State.CREATED
         await self._save(c)
+        crashpoint("container.create.saved")
         self._watch(c)
 
     def _prepare(self, c: Container, sb: Sandbox, view: SandboxView,
@@ -427,6 +432,7 @@ class ContainerManager:
         c.state = State.EXITED
         self._release_soon(c)  # runs while the record is written
         await self._save(c)
+        crashpoint("container.exit.recorded")
         self._exited.setdefault(c.id, asyncio.Event()).set()
         _log.info("container.exited", container_id=c.id, exit_code=c.exit_code, reason=c.reason)
         self._emit("stopped", c)
@@ -447,6 +453,7 @@ class ContainerManager:
         try:
             if runtime is not None:
                 await runtime.delete(c.id, force=True)
+                crashpoint("container.release.runtime_deleted")
             await asyncio.to_thread(self.storage.unmount, c.id)
         except MoorageError as e:
             _log.warning("container.release_failed", container_id=c.id, error=e.message)
@@ -486,6 +493,7 @@ class ContainerManager:
             starting = self._starting[c.id] = asyncio.get_running_loop().create_future()
             try:
                 await runtime.start(c.id)
+                crashpoint("container.start.runtime_started")
             except MoorageError:
                 status = self.monitor.read_exit(self.state_dir(c))
                 if status is not None:
@@ -498,6 +506,7 @@ class ContainerManager:
             if c.state == State.CREATED:
                 c.state = State.RUNNING
             await self._save(c)
+            crashpoint("container.start.saved")
         _log.info("container.started", container_id=c.id)
         self._emit("started", c)
 
@@ -524,6 +533,7 @@ class ContainerManager:
         exited = self._exited.setdefault(c.id, asyncio.Event())
         if c.state == State.RUNNING and timeout > 0:
             await runtime.kill(c.id, self._stop_signal(c))
+            crashpoint("container.stop.signalled")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(exited.wait(), timeout)
         if not exited.is_set():
@@ -582,8 +592,10 @@ class ContainerManager:
         deletes them in the background, and at the next start if the daemon died first.
         """
         self.storage.remove(c.id, later=True)
+        crashpoint("container.remove.layer_discarded")
         _unmount_idmapped(self.state_dir(c) / IDMAPPED_DIR)
         discard_tree(self.state_dir(c), self._trash)
+        crashpoint("container.remove.state_discarded")
         (self.paths.records / f"{c.id}.json").unlink(missing_ok=True)
 
     def _empty_trash_soon(self) -> None:

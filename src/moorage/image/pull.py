@@ -46,6 +46,7 @@ from moorage.image.unpacker import (
     compression_for_media_type,
     unpack_layer,
 )
+from moorage.util.crash import crashpoint
 from moorage.util.fs import remove_tree
 
 _log = log.get("moorage.image")
@@ -312,7 +313,9 @@ class Puller:
                         f"the image config says {diff_id}"
                     )
                 used, inodes = await asyncio.to_thread(layer_usage, tmp)
+                crashpoint("image.pull.layer_unpacked")
                 await self.store.add_layer(tmp, LayerInfo(diff_id, result.size, used, inodes))
+                crashpoint("image.pull.layer_added")
             except BaseException:
                 if tmp is not None:
                     await asyncio.to_thread(remove_tree, tmp)
