@@ -125,8 +125,8 @@ class TimedRuntime(Runtime):
                  tolerate: tuple[grpc.StatusCode, ...] = ()) -> None:
         super().__init__(inner.node)
         self.name = inner.name
-        self.rt = TimedStub(inner.rt, calls, tolerate)  # type: ignore[assignment]
-        self.img = TimedStub(inner.img, calls, tolerate)  # type: ignore[assignment]
+        self.rt = TimedStub(inner.rt, calls, tolerate)
+        self.img = TimedStub(inner.img, calls, tolerate)
 
 
 # ---------------------------------------------------------------------------- the node's counts
@@ -507,8 +507,8 @@ def soak_node(base: Path | None = None, small_images: int = 2) -> Iterator[
         tuple[Node, Moorage, Bench, Target]]:
     """The bench's node (namespace, CNI bridge, registry with busybox and small images) and
     moorage started on it, busybox pulled; everything removed at the end."""
-    node = Node(big_mib=0, small_images=small_images,
-                **({"base": base} if base is not None else {}))
+    node = (Node(big_mib=0, small_images=small_images) if base is None
+            else Node(big_mib=0, small_images=small_images, base=base))
     node.base.mkdir(parents=True, exist_ok=True)
     moorage: Moorage | None = None
     try:
