@@ -558,11 +558,16 @@ class ContainerManager:
             if c.id not in self._containers:
                 return
             await self._stop_locked(c, 0)
-            await self._destroy(c)
+            await self._destroy(c, strict=True)
         self._emit("deleted", c)
 
-    async def _destroy(self, c: Container) -> None:
-        """Remove everything of ``c``; idempotent, tolerant of half-built containers."""
+    async def _destroy(self, c: Container, *, strict: bool = False) -> None:
+        """Remove everything of ``c``; idempotent, tolerant of half-built containers.
+
+        ``strict`` (RemoveContainer): when the runtime cannot delete its container, raise
+        before anything is removed, so the container stays listed and kubelet's retry
+        finishes the removal (as CRI-O answers); otherwise (undoing a failed create) the
+        failure is logged and the rest removed."""
         runtime = self.runtimes.get(c.runtime_handler)
         if runtime is not None and not await self._await_release(c):
             try:
@@ -570,6 +575,8 @@ class ContainerManager:
             except MoorageError as e:
                 _log.warning("container.runtime_delete_failed", container_id=c.id,
                              error=e.message)
+                if strict:
+                    raise
         watcher = self._watchers.pop(c.id, None)
         if watcher is not None:
             watcher.cancel()
