@@ -529,8 +529,8 @@ def _minimal_cni_args(sandbox_id: str) -> str:
 
 
 def _with_message(error: CNIError, message: str) -> CNIError:
-    """The same CNIError with another message."""
-    return CNIError(
+    """The same CNIError (of the same class) with another message."""
+    return type(error)(
         message,
         plugin=error.plugin,
         command=error.command,
