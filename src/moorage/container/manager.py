@@ -419,7 +419,12 @@ class ContainerManager:
             return
         if status is None:
             c.exit_code, c.finished_at = 255, time.time_ns()
-            c.reason, c.message = "Error", "the container's monitor exited without a status"
+            # Its monitor died (SIGKILL, the OOM killer): the exit cannot be known, and a
+            # container nobody watches is killed by the release, as CRI-O does when conmon
+            # dies.
+            c.reason = "Error"
+            c.message = ("the container's monitor died without recording an exit; the "
+                         "container was killed")
         else:
             c.exit_code, c.finished_at = status.exit_code, status.exited_at
             if status.oom_killed:
