@@ -6,7 +6,9 @@ or the OOM killer would at that point. The crash tests (tests/stress/test_crashp
 start a daemon with one step named, make the call that reaches it, restart without it,
 and check that the state is consistent and the same call succeeds.
 
-Without the variable the hook is one comparison with ``None``. Names are
+``MOORAGE_CRASHPOINT=file:<path>`` reads the name from that file at each crash point
+instead (an empty or missing file arms none). Without the variable the hook is one
+comparison with ``None``. Names are
 ``<object>.<operation>.<what is done>``; :data:`NAMES` lists them so a test can check that
 each is reached.
 """
@@ -59,10 +61,23 @@ NAMES = (
     "image.remove.layer_removed",
 )
 
+#: ``file:<path>``: the crash point is the name in that file, read at every crash point, so
+#: a test can arm one step after another without restarting the daemon in between.
+FILE_PREFIX = "file:"
+
 _armed: str | None = os.environ.get(ENV) or None
 
 
 def crashpoint(name: str) -> None:
     """SIGKILL this process if ``name`` is the crash point the environment names."""
-    if _armed is not None and name == _armed:
+    if _armed is None:
+        return
+    wanted = _armed
+    if wanted.startswith(FILE_PREFIX):
+        try:
+            with open(wanted[len(FILE_PREFIX):]) as f:
+                wanted = f.read().strip()
+        except OSError:
+            return
+    if name == wanted:
         os.kill(os.getpid(), signal.SIGKILL)
