@@ -485,6 +485,10 @@ class ContainerManager:
     async def start(self, container_id: str) -> None:
         c = self.get(container_id)
         async with self._lock(c.id):
+            if c.state == State.RUNNING:
+                # kubelet's retry of a start that worked but whose answer it never got (a
+                # daemon killed right after ``runtime start``): the container runs.
+                return
             if c.state != State.CREATED:
                 raise FailedPrecondition(
                     f"container {c.id} is {c.state.value}, only a created container can start"
@@ -688,6 +692,10 @@ class ContainerManager:
             self._by_key[_key(c, self.sandboxes)] = c.id
             try:
                 await self._reconcile(c)
+                # A create whose answer an earlier daemon may never have sent: kubelet's
+                # retry with the same name gets this container (once), as after a
+                # cancelled call.
+                c.delivered = c.state != State.CREATED
             except Exception as e:
                 # The daemon starts all the same; the container's removal tries again.
                 _log.error("container.recover_failed", container_id=c.id,
@@ -704,6 +712,8 @@ class ContainerManager:
             if status is not None:
                 await self._record_exit(c, status)
             elif c.monitor_pid and _start_time(c.monitor_pid) == c.extra.get("monitor_start"):
+                if c.state == State.CREATED:
+                    await self._adopt_start(c)
                 self._watch(c)
             else:
                 # No monitor and no exit status: the node rebooted (or the monitor was
@@ -711,6 +721,18 @@ class ContainerManager:
                 await self._record_exit(c, None)
                 c.message = "the container's monitor is gone (node rebooted?)"
                 await self._save(c)
+
+
+    async def _adopt_start(self, c: Container) -> None:
+        """A container recorded as created that the runtime says runs: the daemon died
+        between ``runtime start`` and saving the record. It is running (since about now:
+        the start time was never recorded)."""
+        runtime = self.runtimes.get(c.runtime_handler)
+        state = await runtime.state(c.id) if runtime is not None else None
+        if state is not None and state.get("status") == "running":
+            c.state, c.started_at = State.RUNNING, time.time_ns()
+            await self._save(c)
+            _log.info("container.recover_started", container_id=c.id)
 
 
 def _log_path(log_directory: str, log_path: str) -> str:

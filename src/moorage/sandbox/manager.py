@@ -494,6 +494,9 @@ class SandboxManager:
             self._by_key[sb.spec.key] = sb.id
             try:
                 await self._reconcile(sb)
+                # A ready pod whose RunPodSandbox answer an earlier daemon may never have
+                # sent: kubelet's retry with the same name gets it (once).
+                sb.delivered = sb.state != State.READY
             except Exception as e:
                 # The daemon starts all the same: the pod stays listed (not ready), and its
                 # removal, or the next start, tries again.
