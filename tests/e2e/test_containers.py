@@ -45,10 +45,11 @@ def env(tmp_path: Path, node_ns: str, cni_dir: Path, registry: Registry,
 
 @contextlib.contextmanager
 def running_env(base: Path, node_ns: str, cni_dir: Path, registry: Registry,
-                busybox_ref: str) -> Iterator[Env]:
+                busybox_ref: str, daemon_env: dict[str, str] | None = None) -> Iterator[Env]:
     """A daemon with state in ``base`` running in the node namespace, busybox pulled; at
-    the end every pod is removed and the daemon stopped."""
+    the end every pod is removed and the daemon stopped. ``daemon_env``: its environment."""
     d = make_daemon(base, node_ns, cni_dir, ["--config", str(_config(base))])
+    d.env = dict(daemon_env or {})
     d.registries_conf_text = insecure_conf(registry)
     # The registry listens on the machine's loopback; the pods' daemon runs in the node
     # namespace. Pull first from a daemon outside it, on the same state.
