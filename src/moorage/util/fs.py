@@ -15,6 +15,9 @@ from typing import TYPE_CHECKING, NamedTuple
 if TYPE_CHECKING:
     from pathlib import Path
 
+#: The errnos of a full disk (or quota): RESOURCE_EXHAUSTED to a caller, never INTERNAL.
+NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+
 
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
