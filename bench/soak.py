@@ -503,17 +503,19 @@ def markdown(result: Result) -> str:
 
 
 @contextlib.contextmanager
-def soak_node(base: Path | None = None, small_images: int = 2) -> Iterator[
+def soak_node(base: Path | None = None, small_images: int = 2,
+              prepare: Callable[[Node], dict[str, Any]] | None = None) -> Iterator[
         tuple[Node, Moorage, Bench, Target]]:
     """The bench's node (namespace, CNI bridge, registry with busybox and small images) and
-    moorage started on it, busybox pulled; everything removed at the end."""
+    moorage started on it, busybox pulled; everything removed at the end. ``prepare``
+    changes the node before the daemon starts and returns more arguments of ``Moorage``."""
     node = (Node(big_mib=0, small_images=small_images) if base is None
             else Node(big_mib=0, small_images=small_images, base=base))
     node.base.mkdir(parents=True, exist_ok=True)
     moorage: Moorage | None = None
     try:
         node.setup()
-        moorage = Moorage(node)
+        moorage = Moorage(node, **(prepare(node) if prepare is not None else {}))
         moorage.start()
         bench = Bench(node, [moorage], Sizes(), Report(), print)
         bench.pull_images()
