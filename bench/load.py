@@ -36,7 +36,7 @@ import grpc
 from bench.cribench.figures import Bench
 from bench.cribench.node import Node
 from bench.cribench.stats import percentile
-from bench.soak import Calls, TimedRuntime, soak_node
+from bench.soak import Calls, TimedRuntime, soak_node, stop_on_signals
 from moorage.cri.v1 import api_pb2 as pb
 from tests.fixtures.faults import slow_cni_wrapper
 from tests.fixtures.netns import entered
@@ -258,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         print("needs root (runc, namespaces, mounts)", file=sys.stderr)
         return 2
     opts = LoadOptions(**{k: getattr(args, k) for k in vars(d)})
+    stop_on_signals()
     print(f"load: {opts.pods} pods x 2 containers, {opts.clients} clients, CNI +"
           f"{opts.cni_delay:g} s, registry {opts.registry_rate // 1024} KiB/s, load "
           f"{os.getloadavg()[0]:.1f}, {os.cpu_count()} cpus (* = served from memory)",

@@ -35,6 +35,7 @@ import argparse
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -42,6 +43,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import grpc
@@ -532,6 +534,17 @@ def soak_node(base: Path | None = None, small_images: int = 2,
         node.close()
 
 
+def stop_on_signals() -> None:
+    """SIGINT and SIGTERM end a run cleanly (pods removed, node torn down), also when a
+    shell started it in the background with SIGINT ignored."""
+
+    def interrupted(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupted)
+    signal.signal(signal.SIGTERM, interrupted)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.soak",
                                 description=(__doc__ or "").split("\n\n")[0])
@@ -547,6 +560,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     opts = Options(cycles=args.cycles, workers=args.workers, report_every=args.report_every,
                    rss_tolerance=args.rss_tolerance)
+    stop_on_signals()
     print(f"soak: {opts.cycles} pod cycles, {opts.workers} pod workers, load "
           f"{os.getloadavg()[0]:.1f}, {os.cpu_count()} cpus", flush=True)
     with soak_node() as (node, moorage, bench, target):
