@@ -16,6 +16,7 @@ import pytest
 
 from moorage.cri.v1 import api_pb2 as pb
 from tests.e2e.conftest import CNI_DIRS, bridge_conflist, in_ns, make_daemon
+from tests.e2e.test_crash_consistency import remove_everything
 from tests.e2e.test_sandboxes import assert_node_clean, pod_config, pod_status, rpc_error, run_pod
 from tests.fixtures.daemon import Daemon
 from tests.fixtures.faults import cni_wrapper, hung_commands, set_rules
@@ -57,8 +58,7 @@ def node(tmp_path: Path, node_ns: str, cni_dir: Path) -> Iterator[Node]:
     finally:
         set_rules(rules)
         try:
-            for item in d.runtime.ListPodSandbox(pb.ListPodSandboxRequest()).items:
-                d.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=item.id))
+            remove_everything(d.runtime)
         finally:
             d.stop()
 

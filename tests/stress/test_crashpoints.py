@@ -12,6 +12,7 @@ import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -23,17 +24,10 @@ from tests.e2e.test_crash_consistency import assert_nothing_left, remove_everyth
 from tests.e2e.test_images import insecure_conf
 from tests.fixtures.daemon import Daemon
 from tests.fixtures.oci import Image, Layer, busybox_layer_builder, push_image
+from tests.fixtures.procs import alive
 from tests.fixtures.registry import Registry
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state not in ("Z", "X")
 
 
 class Crasher:
@@ -72,7 +66,7 @@ def _consistent(env: Env) -> None:
     for c in env.rt.ListContainers(pb.ListContainersRequest()).containers:
         if c.state == pb.CONTAINER_RUNNING:
             info = json.loads(env.status(c.id, verbose=True).info["info"])
-            assert _alive(info["pid"]), f"container {c.id} reported running, not running"
+            assert alive(info["pid"]), f"container {c.id} reported running, not running"
     for p in env.rt.ListPodSandbox(pb.ListPodSandboxRequest()).items:
         if p.state == pb.SANDBOX_READY:
             st = env.rt.PodSandboxStatus(pb.PodSandboxStatusRequest(
@@ -131,38 +125,37 @@ def test_crash_at_each_step_then_retry(crash_env: tuple[Env, Crasher], node_ns: 
         assert_nothing_left(env.d, node_ns, tmp_path)
 
 
+def _crash_and_retry(env: Env, crasher: Crasher, step: str, rpc: str, request: Any) -> Any:
+    """``rpc`` killed at ``step``; the restarted daemon's state is consistent; the same call
+    again (its answer)."""
+    with crasher.armed(step):
+        _crashes(lambda: getattr(env.d.runtime, rpc)(request))
+    env.rt = env.d.runtime
+    _consistent(env)
+    return getattr(env.d.runtime, rpc)(request)
+
+
 def _crash_then_retry(env: Env, crasher: Crasher, step: str) -> None:
     rt = lambda: env.d.runtime  # noqa: E731 - a new stub after each restart
     cfg = _pod_config(env, "crash")
     app = env.config("app", ["sh", "-c", "trap 'exit 0' TERM; sleep 1000 & wait"])
     if step.startswith("sandbox.run."):
-        with crasher.armed(step):
-            _crashes(lambda: rt().RunPodSandbox(pb.RunPodSandboxRequest(config=cfg)))
-        env.rt = rt()
-        _consistent(env)
-        pod = rt().RunPodSandbox(pb.RunPodSandboxRequest(config=cfg)).pod_sandbox_id
+        pod = _crash_and_retry(env, crasher, step, "RunPodSandbox",
+                               pb.RunPodSandboxRequest(config=cfg)).pod_sandbox_id
         st = rt().PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=pod)).status
         assert st.state == pb.SANDBOX_READY and st.network.ip, step
         return
     pod = rt().RunPodSandbox(pb.RunPodSandboxRequest(config=cfg)).pod_sandbox_id
     create = pb.CreateContainerRequest(pod_sandbox_id=pod, config=app, sandbox_config=cfg)
     if step.startswith("container.create."):
-        with crasher.armed(step):
-            _crashes(lambda: rt().CreateContainer(create))
-        env.rt = rt()
-        _consistent(env)
-        cid = rt().CreateContainer(create).container_id
+        cid = _crash_and_retry(env, crasher, step, "CreateContainer", create).container_id
         rt().StartContainer(pb.StartContainerRequest(container_id=cid))
         assert env.wait_state(cid, pb.CONTAINER_RUNNING).state == pb.CONTAINER_RUNNING, step
         return
     cid = rt().CreateContainer(create).container_id
     start = pb.StartContainerRequest(container_id=cid)
     if step.startswith("container.start."):
-        with crasher.armed(step):
-            _crashes(lambda: rt().StartContainer(start))
-        env.rt = rt()
-        _consistent(env)
-        rt().StartContainer(start)
+        _crash_and_retry(env, crasher, step, "StartContainer", start)
         assert env.wait_state(cid, pb.CONTAINER_RUNNING).state == pb.CONTAINER_RUNNING, step
         return
     rt().StartContainer(start)
@@ -178,37 +171,21 @@ def _retry_later_step(env: Env, crasher: Crasher, step: str, pod: str, cid: str)
     remove = pb.RemoveContainerRequest(container_id=cid)
     if step in ("container.stop.signalled", "container.exit.recorded",
                 "container.release.runtime_deleted"):
-        with crasher.armed(step):
-            _crashes(lambda: rt().StopContainer(stop))
-        env.rt = rt()
-        _consistent(env)
-        rt().StopContainer(stop)
+        _crash_and_retry(env, crasher, step, "StopContainer", stop)
         assert env.status(cid).status.state == pb.CONTAINER_EXITED
     elif step.startswith("container.remove."):
         rt().StopContainer(stop)
-        with crasher.armed(step):
-            _crashes(lambda: rt().RemoveContainer(remove))
-        env.rt = rt()
-        _consistent(env)
-        rt().RemoveContainer(remove)
+        _crash_and_retry(env, crasher, step, "RemoveContainer", remove)
         assert not rt().ListContainers(pb.ListContainersRequest()).containers
     elif step.startswith("sandbox.stop."):
         stop_pod = pb.StopPodSandboxRequest(pod_sandbox_id=pod)
-        with crasher.armed(step):
-            _crashes(lambda: rt().StopPodSandbox(stop_pod))
-        env.rt = rt()
-        _consistent(env)
-        rt().StopPodSandbox(stop_pod)
+        _crash_and_retry(env, crasher, step, "StopPodSandbox", stop_pod)
         st = rt().PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=pod))
         assert st.status.state == pb.SANDBOX_NOTREADY
         assert env.status(cid).status.state == pb.CONTAINER_EXITED
     elif step.startswith("sandbox.remove."):
         remove_pod = pb.RemovePodSandboxRequest(pod_sandbox_id=pod)
-        with crasher.armed(step):
-            _crashes(lambda: rt().RemovePodSandbox(remove_pod))
-        env.rt = rt()
-        _consistent(env)
-        rt().RemovePodSandbox(remove_pod)
+        _crash_and_retry(env, crasher, step, "RemovePodSandbox", remove_pod)
         assert not rt().ListPodSandbox(pb.ListPodSandboxRequest()).items
         assert not rt().ListContainers(pb.ListContainersRequest()).containers
     else:

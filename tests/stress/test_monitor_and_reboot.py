@@ -25,20 +25,13 @@ from moorage.cri.v1 import api_pb2 as pb
 from tests.e2e.test_containers import Env
 from tests.e2e.test_crash_consistency import assert_nothing_left, remove_everything
 from tests.fixtures.daemon import kill_monitor_servers
+from tests.fixtures.procs import alive
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
 
 def _info(env: Env, cid: str) -> dict[str, int]:
     return dict(json.loads(env.status(cid, verbose=True).info["info"]))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state not in ("Z", "X")
 
 
 def _wait(check: object, what: str, timeout: float = 30) -> None:
@@ -56,14 +49,14 @@ def test_monitor_killed_means_container_killed_and_exited(env: Env, node_ns: str
     env.wait_state(cid, pb.CONTAINER_RUNNING)
     info = _info(env, cid)
     pid, monitor = info["pid"], info["monitorPid"]
-    assert _alive(pid) and _alive(monitor)
+    assert alive(pid) and alive(monitor)
     os.kill(monitor, signal.SIGKILL)
     st = env.wait_state(cid, pb.CONTAINER_EXITED)
     assert st.state == pb.CONTAINER_EXITED
     assert st.reason == "Error" and "monitor" in st.message, st.message
     assert st.finished_at >= st.started_at
     # Not left running unwatched: the container's processes are gone.
-    _wait(lambda: not _alive(pid), "the container outlived its monitor")
+    _wait(lambda: not alive(pid), "the container outlived its monitor")
     # The pod's other container is untouched.
     assert env.status(other).status.state == pb.CONTAINER_RUNNING
     assert env.exec(other, ["true"]).exit_code == 0
@@ -103,7 +96,7 @@ def test_reboot_reports_every_container_exited_and_removable(env: Env, node_ns: 
             if cwd.startswith(str(d.runroot) + "/"):
                 os.kill(int(p.name), signal.SIGKILL)
     kill_monitor_servers({str(d.runroot)})
-    _wait(lambda: not any(_alive(p) for p in pids), "container processes survived")
+    _wait(lambda: not any(alive(p) for p in pids), "container processes survived")
     unmount_under(d.runroot)
     unmount_under(d.root)
     subprocess.run(["rm", "-rf", "--one-file-system", str(d.runroot)], check=True)

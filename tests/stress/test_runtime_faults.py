@@ -45,6 +45,15 @@ class Faulty:
     def fail(self, **actions: str) -> None:
         set_rules(self.rules, **actions)
 
+    def each_fault(self, command: str) -> Iterator[tuple[str, grpc.StatusCode]]:
+        """``command`` failing, then hanging (and the status code each must give); then
+        the runtime works again."""
+        for action, want in (("fail", grpc.StatusCode.FAILED_PRECONDITION),
+                             ("hang", grpc.StatusCode.DEADLINE_EXCEEDED)):
+            self.fail(**{command: action})
+            yield action, want
+        self.fail()
+
     def clean(self) -> None:
         self.fail()
         remove_everything(self.env.rt)
@@ -99,9 +108,7 @@ def test_start_fails_or_hangs(faulty: Faulty) -> None:
     env = faulty.env
     pod = faulty.pod("start")
     cid = env.create(pod, env.config("app", ["sleep", "1000"]))
-    for action, want in (("fail", grpc.StatusCode.FAILED_PRECONDITION),
-                         ("hang", grpc.StatusCode.DEADLINE_EXCEEDED)):
-        faulty.fail(start=action)
+    for action, want in faulty.each_fault("start"):
         code, msg = _code(rpc_error(lambda: env.rt.StartContainer(
             pb.StartContainerRequest(container_id=cid))))
         assert code == want, (action, code, msg)
@@ -109,7 +116,6 @@ def test_start_fails_or_hangs(faulty: Faulty) -> None:
                 else f"{COMMAND_TIMEOUT:g}s") in msg
         # Never reported running: it is still only created.
         assert env.status(cid).status.state == pb.CONTAINER_CREATED
-    faulty.fail()
     env.rt.StartContainer(pb.StartContainerRequest(container_id=cid))
     assert env.wait_state(cid, pb.CONTAINER_RUNNING).state == pb.CONTAINER_RUNNING
     assert env.exec(cid, ["true"]).exit_code == 0
@@ -121,16 +127,13 @@ def test_kill_fails_or_hangs(faulty: Faulty) -> None:
     pod = faulty.pod("kill")
     cid = env.run(pod, "app", ["sleep", "1000"])
     env.wait_state(cid, pb.CONTAINER_RUNNING)
-    for action, want in (("fail", grpc.StatusCode.FAILED_PRECONDITION),
-                         ("hang", grpc.StatusCode.DEADLINE_EXCEEDED)):
-        faulty.fail(kill=action)
+    for action, want in faulty.each_fault("kill"):
         code, msg = _code(rpc_error(lambda: env.rt.StopContainer(
             pb.StopContainerRequest(container_id=cid, timeout=1))))
         assert code == want, (action, code, msg)
         # The container was never signalled: it runs, and says so.
         assert env.status(cid).status.state == pb.CONTAINER_RUNNING
         assert env.exec(cid, ["true"]).exit_code == 0
-    faulty.fail()
     env.rt.StopContainer(pb.StopContainerRequest(container_id=cid, timeout=1))
     assert env.status(cid).status.state == pb.CONTAINER_EXITED
     faulty.clean()
@@ -139,8 +142,8 @@ def test_kill_fails_or_hangs(faulty: Faulty) -> None:
 def test_delete_fails_or_hangs(faulty: Faulty) -> None:
     env = faulty.env
     pod = faulty.pod("delete")
-    for action, want in (("fail", grpc.StatusCode.FAILED_PRECONDITION),
-                         ("hang", grpc.StatusCode.DEADLINE_EXCEEDED)):
+    for action, want in faulty.each_fault("delete"):
+        faulty.fail()
         cid = env.run(pod, f"app-{action}", ["sleep", "1000"])
         env.wait_state(cid, pb.CONTAINER_RUNNING)
         faulty.fail(delete=action)
