@@ -180,7 +180,8 @@ def _cgroups(parent: str) -> int:
         if not top.is_dir() or str(top.resolve()) in seen:
             continue
         seen.add(str(top.resolve()))
-        n += sum(1 for _ in top.rglob("*") if _.is_dir())
+        # os.walk, not rglob: cgroups come and go while they are counted.
+        n += sum(len(dirs) for _path, dirs, _files in os.walk(top))
     return n
 
 
@@ -323,7 +324,10 @@ class Soak:
                 self._done += 1
                 done = self._done
             if self._reporting and done % self.opts.report_every == 0:
-                self.report(done)
+                try:
+                    self.report(done)
+                except Exception as e:  # the driver's own failure: counted, never silent
+                    self.calls.add("report", 0.0, repr(e))
 
     def relist(self) -> None:
         rt = self.relister.rt
