@@ -570,6 +570,8 @@ def main(argv: list[str] | None = None) -> int:
     with soak_node() as (node, moorage, bench, target):
         result = Soak(bench, moorage, target, node.images.small, opts,
                       lambda s: print(s, flush=True)).run()
+    print(f"load average at the end {os.getloadavg()[0]:.1f} (other work on the machine "
+          "slows the calls)")
     if args.markdown:
         args.markdown.write_text(markdown(result))
     for f in result.failures:
