@@ -15,7 +15,8 @@ fi
 need=()
 for pkg in python3-venv runc conmon containernetworking-plugins docker-registry busybox-static \
            apache2-utils catatonit iptables iproute2 util-linux criu \
-           golang-go golang-github-docker-spdystream-dev; do
+           golang-go golang-github-docker-spdystream-dev \
+           golang-github-gorilla-websocket-dev; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -28,13 +29,15 @@ fi
 
 venv=${MOORAGE_TEST_VENV:-$here/.venv}
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-# The package is installed editable: only a change of pyproject.toml needs pip again (and
-# the network), so a second run, or one in the Dockerfile.test image, starts testing at once.
-stamp="$venv/.moorage-pyproject.sha256"
-want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+# Every Python package comes from the lock (exact versions, hashes checked), so every machine
+# tests with the same ones; the package itself is installed editable on top, without
+# dependencies. Only a change of the lock or of pyproject.toml needs pip again (and the
+# network), so a second run, or one in the Dockerfile.test image, starts testing at once.
+stamp="$venv/.moorage-lock.sha256"
+want=$(cat requirements.lock pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  "$venv/bin/pip" install -q --upgrade pip >/dev/null
-  "$venv/bin/pip" install -q -e ".[test]"
+  "$venv/bin/pip" install -q --require-hashes -r requirements.lock
+  "$venv/bin/pip" install -q --no-deps --no-build-isolation -e .
   echo "$want" >"$stamp"
 fi
 if [ "${1:-}" = "--install-only" ]; then

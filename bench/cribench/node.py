@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.monitor_memory import remove_cgroups
-from tests.e2e.conftest import CNI_DIRS, bridge_conflist
+from tests.e2e.conftest import bridge_conflist
+from tests.fixtures.daemon import CNI_PLUGIN_DIR
 from tests.fixtures.netns import NetNS, entered
 from tests.fixtures.oci import (
     Blob,
@@ -134,7 +135,7 @@ class Node:
 
     @property
     def cni_bin_dir(self) -> Path:
-        return next(d for d in CNI_DIRS if (d / "bridge").exists())
+        return CNI_PLUGIN_DIR
 
     @property
     def rootfs(self) -> Path:

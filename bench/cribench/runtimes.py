@@ -20,7 +20,7 @@ from moorage.cri.v1 import api_pb2 as pb
 from moorage.cri.v1 import api_pb2_grpc as pb_grpc
 from tests.e2e.conftest import make_daemon
 from tests.e2e.test_images import insecure_conf
-from tests.fixtures.daemon import MIB, Daemon, kill_monitor_servers
+from tests.fixtures.daemon import MIB, OOM_SCORE_CLAMP, Daemon, kill_monitor_servers
 from tests.fixtures.procs import has_arg, pids_where
 
 CONTAINERD = "/usr/bin/containerd"
@@ -100,10 +100,7 @@ class Moorage(Runtime):
     def start(self) -> None:
         d = make_daemon(self.base, self.node.ns_path, self.node.cni_conf_dir,
                         ["--log-level", "info", *self.extra_args])
-        d.base.mkdir(parents=True, exist_ok=True)
-        (d.base / "moorage.toml").write_text(
-            f'[image]\nregistries_certs_dir = "{d.certs_dir}"\n'
-            "[runtime]\nrestrict_oom_score_adj = true\n" + self.config_text)
+        d.config_text = OOM_SCORE_CLAMP + self.config_text
         assert self.node.registry is not None
         d.registries_conf_text = insecure_conf(self.node.registry, *self.registries)
         if self.profile is not None:
@@ -136,7 +133,8 @@ def _profiled(d: Daemon, out: Path) -> Daemon:
             return [*argv[:i + 1], "-m", "cProfile", "-o", str(out), *argv[i + 1:]]
 
     p = Profiled(d.base, extra_args=d.extra_args, registries_conf_text=d.registries_conf_text,
-                 config_text=d.config_text, netns=d.netns, log_level=d.log_level)
+                 config_text=d.config_text, policy_text=d.policy_text, netns=d.netns,
+                 log_level=d.log_level)
     return p
 
 

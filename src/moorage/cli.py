@@ -64,12 +64,23 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {name: getattr(args, name) for name in config.FLAG_KEYS}
+
+
+def effective_config(argv: list[str]) -> config.Config:
+    """The configuration ``moorage ARGV`` runs with: flags over drop-ins over the main file.
+    Raises ``config.ConfigError``."""
+    args = _parser().parse_args(argv)
+    return config.load(args.config, args.config_dir, _overrides(args))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "version":
         print(f"moorage {__version__}\nCRI API {CRI_API_VERSION}\ngit commit {_git_commit()}")
         return 0
-    overrides: dict[str, Any] = {name: getattr(args, name) for name in config.FLAG_KEYS}
+    overrides = _overrides(args)
     try:
         cfg = config.load(args.config, args.config_dir, overrides)
     except config.ConfigError as e:

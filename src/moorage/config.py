@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -25,6 +26,15 @@ from pydantic import (
 DEFAULT_CONFIG = Path("/etc/moorage/moorage.toml")
 DEFAULT_CONFIG_DIR = Path("/etc/moorage/moorage.d")
 MIB = 1024 * 1024
+
+
+def _absolute(value: Path) -> Path:
+    if not value.is_absolute():
+        raise ValueError("must be an absolute path")
+    return value
+
+
+AbsolutePath = Annotated[Path, AfterValidator(_absolute)]
 
 
 class ConfigError(Exception):
@@ -216,6 +226,50 @@ class ImageConfig(_Section):
         description="Most tar entries (files, directories, links...) one layer may hold; "
         "more fail the pull with RESOURCE_EXHAUSTED. 0 means no limit.",
     )
+    pinned_images: list[str] = Field(
+        [],
+        description="Images kubelet's image garbage collection keeps: ListImages and "
+        "ImageStatus report them pinned. Each entry is an exact name "
+        "(registry.k8s.io/pause:3.10), a glob ending in * (registry.k8s.io/pause*) or a "
+        "keyword between two * (*pause*), matched against every tag and digest name of an "
+        "image as CRI-O's pinned_images (docs/images.md). Re-read on SIGHUP.",
+    )
+    signature_policy: AbsolutePath = Field(
+        Path("/etc/containers/policy.json"),
+        description="containers-policy.json(5) file every pull is checked against (read at "
+        "each pull: edits need no SIGHUP). A missing or invalid file fails pulls, as in "
+        "CRI-O.",
+    )
+    signature_policy_dir: AbsolutePath = Field(
+        Path("/etc/moorage/policies"),
+        description="Per-namespace policies, as CRI-O's signature_policy_dir: "
+        "<dir>/<namespace>.json, when it exists, replaces signature_policy for the pulls "
+        "kubelet makes for pods of that namespace.",
+    )
+
+    @field_validator("pinned_images")
+    @classmethod
+    def _pin_patterns(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            inner = pattern.removeprefix("*").removesuffix("*") if len(pattern) > 1 else ""
+            if not inner or any(c.isspace() for c in pattern) or "*" in inner:
+                raise ValueError(
+                    f"{pattern!r}: an image name, a name ending in * (glob) or a word between "
+                    "two * (keyword); * elsewhere, or nothing but *, is not a pattern"
+                )
+            if pattern.startswith("*") and not pattern.endswith("*"):
+                raise ValueError(f"{pattern!r}: a leading * needs a trailing one (*keyword*)")
+        return value
+
+
+class CdiConfig(_Section):
+    spec_dirs: list[AbsolutePath] = Field(
+        [Path("/etc/cdi"), Path("/var/run/cdi")],
+        description="Directories of CDI spec files (*.json, *.yaml) defining the devices "
+        "that containers name in CDI_devices or cdi.k8s.io/ annotations; a device defined "
+        "in a later directory wins. Files are read again when they change; the list is "
+        "re-read on SIGHUP.",
+    )
 
 
 class MetricsConfig(_Section):
@@ -235,11 +289,11 @@ class MetricsConfig(_Section):
 
 
 class Config(_Section):
-    root: Path = Field(
+    root: AbsolutePath = Field(
         Path("/var/lib/moorage"),
         description="Persistent state: images, container and sandbox records (flag --root).",
     )
-    runroot: Path = Field(
+    runroot: AbsolutePath = Field(
         Path("/run/moorage"),
         description="Volatile state, empty after a reboot (flag --runroot).",
     )
@@ -254,6 +308,7 @@ class Config(_Section):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     image: ImageConfig = Field(default_factory=ImageConfig)
     network: NetworkConfig = Field(default_factory=NetworkConfig)
+    cdi: CdiConfig = Field(default_factory=CdiConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     runtimes: dict[str, RuntimeHandler] = Field(
         default_factory=lambda: {"runc": RuntimeHandler()},
@@ -280,13 +335,6 @@ class Config(_Section):
     def runtime_root(self, handler: str) -> Path:
         root = self.runtimes[handler].runtime_root
         return root if root is not None else self.runroot / "runtimes" / handler
-
-    @field_validator("root", "runroot")
-    @classmethod
-    def _absolute(cls, value: Path) -> Path:
-        if not value.is_absolute():
-            raise ValueError("must be an absolute path")
-        return value
 
 
 #: Command-line flags that override a key, as CRI-O names them: flag -> dotted key.
@@ -346,7 +394,8 @@ def _describe(error: ValidationError, sources: list[Path]) -> str:
         elif not key:
             lines.append(str(err["msg"]).removeprefix("Value error, "))
         else:
-            lines.append(f"key {key!r}: {err['msg']} (got {err.get('input')!r})")
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            lines.append(f"key {key!r}: {msg} (got {err.get('input')!r})")
     where = ", ".join(str(s) for s in sources) or "flags"
     return f"invalid configuration ({where}): " + "; ".join(lines)
 

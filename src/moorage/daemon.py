@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 
 from moorage import __version__, config, log, metrics
-from moorage.container import apparmor, seccomp
+from moorage.container import apparmor, cdi, seccomp
 from moorage.container.manager import ContainerManager
 from moorage.container.manager import Paths as ContainerPaths
 from moorage.container.spec import SpecOptions
@@ -27,6 +27,8 @@ from moorage.cri.v1 import api_pb2_grpc as pb_grpc
 from moorage.errors import MoorageError
 from moorage.events import ContainerEvent, EventBroadcaster, watch_containers
 from moorage.image import registries
+from moorage.image.pinned import PinnedImages
+from moorage.image.policy import PolicyFiles
 from moorage.image.pull import Puller
 from moorage.image.registry import RegistryClient
 from moorage.image.store import ImageStore
@@ -91,6 +93,9 @@ def _systemd_is_init() -> bool:
     return Path("/run/systemd/system").is_dir()
 
 
+#: image.* keys that a SIGHUP applies.
+LIVE_IMAGE_KEYS = ("registries_conf", "pinned_images", "signature_policy",
+                   "signature_policy_dir")
 #: runtime.* keys that a SIGHUP applies (with default_runtime).
 CONFINEMENT_KEYS = ("seccomp_use_default_when_empty", "seccomp_profile", "apparmor_profile")
 
@@ -159,6 +164,7 @@ class Daemon:
         except Exception as e:
             raise StartError(f"registries_conf {cfg.image.registries_conf}: {e}") from e
         self.store = ImageStore(cfg.root / "images", reg_conf)
+        self.store.pinned = PinnedImages(cfg.image.pinned_images)
         await asyncio.to_thread(self.store.load)
         self.client = RegistryClient(
             certs_dir=cfg.image.registries_certs_dir,
@@ -171,6 +177,7 @@ class Daemon:
             max_manifest_size=cfg.image.max_manifest_size,
             max_layer_size=cfg.image.max_layer_size,
             max_layer_entries=cfg.image.max_layer_entries,
+            policies=PolicyFiles(cfg.image.signature_policy, cfg.image.signature_policy_dir),
         )
         overlay_dir = cfg.root / "overlay"
         if cfg.runtime.cgroup_manager == "systemd" and not _systemd_is_init():
@@ -180,6 +187,7 @@ class Daemon:
                               cfg.root / "network" / "cni-cache", cfg.network.cni_default_network,
                               plugin_timeout=cfg.network.cni_timeout)
         layout = await asyncio.to_thread(cgroups.Layout.detect)
+        _log.info("daemon.cgroups", **layout.describe())
         self.sandboxes = SandboxManager(
             Paths(cfg.root / "sandboxes", cfg.runroot / "sandboxes", cfg.runroot / "ns"),
             self.cni, layout,
@@ -190,8 +198,6 @@ class Daemon:
         runtimes = {name: _oci_runtime(cfg, name) for name in cfg.runtimes}
         self.monitor = MonitorClient(cfg.runroot)
         await self.monitor.ensure_server()
-        default_rt = runtimes[cfg.runtime.default_runtime]
-        features = await default_rt.features()
         try:
             confinement = await asyncio.to_thread(_confinement, cfg.runtime)
         except MoorageError as e:
@@ -203,19 +209,21 @@ class Daemon:
             images=self.store, sandboxes=self.sandboxes,
             storage=ContainerStorage(overlay_dir), monitor=self.monitor, runtimes=runtimes,
             spec_options=SpecOptions(
-                cgroup_driver=cfg.runtime.cgroup_manager, cgroup_v2=layout.version == 2,
+                cgroup_driver=cfg.runtime.cgroup_manager, cgroups=layout,
                 restrict_oom_score_adj=cfg.runtime.restrict_oom_score_adj,
-                rro_supported="rro" in features.get("mountOptions", []),
                 **confinement,
             ),
+            cdi_registry=cdi.Registry(cfg.cdi.spec_dirs),
             memory_cgroup_root=Path(memory_root) if memory_root else None,
             log_max_line=cfg.runtime.log_max_line_size,
         )
+        await self.containers.probe_runtimes()
         watch_containers(self.events, self.containers, self.sandboxes)
         metrics.track_containers(self.containers, self.events)
         await self.sandboxes.recover()
         await self.containers.recover()
         self.store.layers_in_use = self.containers.layers_in_use
+        self.store.images_in_use = self.containers.images_in_use
         await self.store.collect()
         self.puller = puller
 
@@ -315,6 +323,19 @@ class Daemon:
         if conf != self.store.registries_conf:
             self.store.registries_conf = conf
             changed.append("image.registries_conf")
+        if new.image.pinned_images != old.image.pinned_images:
+            self.store.pinned = PinnedImages(new.image.pinned_images)
+            changed.append("image.pinned_images")
+        policy_keys = ("signature_policy", "signature_policy_dir")
+        if any(getattr(new.image, k) != getattr(old.image, k) for k in policy_keys):
+            # The files themselves are read again whenever they change, SIGHUP or not.
+            self.puller.policies = PolicyFiles(new.image.signature_policy,
+                                               new.image.signature_policy_dir)
+            changed += [f"image.{k}" for k in policy_keys
+                        if getattr(new.image, k) != getattr(old.image, k)]
+        if new.cdi != old.cdi:
+            self.containers.cdi.dirs = tuple(new.cdi.spec_dirs)
+            changed.append("cdi.spec_dirs")
         if new.runtimes != old.runtimes or new.runtime.default_runtime != (
                 old.runtime.default_runtime):
             for name in new.runtimes:
@@ -323,24 +344,38 @@ class Daemon:
             self.sandboxes.default_handler = new.runtime.default_runtime
             self.runtime_service.handlers = list(new.runtimes)
             changed.append("runtimes")
+        # Each handler's binary is asked for its features again: an upgraded runc may
+        # have gained (or a replaced one lost) what Status advertises.
+        await self.containers.probe_runtimes()
         try:
             confinement = await asyncio.to_thread(_confinement, new.runtime)
         except MoorageError as e:
             _log.error("daemon.reload_failed", key="runtime seccomp/apparmor", error=str(e))
             return
+        # What the node's cgroups can enforce is probed again (a hugetlb hierarchy mounted
+        # since, huge pages of a new size): new pods and containers get it.
+        try:
+            layout = await asyncio.to_thread(cgroups.Layout.detect)
+        except (OSError, MoorageError) as e:
+            _log.error("daemon.reload_failed", key="cgroups", error=str(e))
+            return
+        if layout != self.sandboxes.layout:
+            changed.append("cgroups")
+            _log.info("daemon.cgroups", **layout.describe())
+        self.sandboxes.layout = layout
         self.containers.spec_options = dataclasses.replace(self.containers.spec_options,
-                                                           **confinement)
+                                                           cgroups=layout, **confinement)
         changed += [f"runtime.{k}" for k in CONFINEMENT_KEYS
                     if getattr(new.runtime, k) != getattr(old.runtime, k)
                     or (k == "seccomp_profile" and new.runtime.seccomp_profile)]
-        live = {"log_level", "log_format", "image", "runtimes", "runtime"}
+        live = {"log_level", "log_format", "image", "runtimes", "runtime", "cdi"}
         old_data, new_data = old.model_dump(), new.model_dump()
         restart = sorted(k for k in new_data if k not in live and new_data[k] != old_data[k])
         restart += sorted(f"runtime.{k}" for k, v in new_data["runtime"].items()
                           if k not in ("default_runtime", *CONFINEMENT_KEYS)
                           and v != old_data["runtime"][k])
         restart += sorted(f"image.{k}" for k, v in new_data["image"].items()
-                          if k != "registries_conf" and v != old_data["image"][k])
+                          if k not in LIVE_IMAGE_KEYS and v != old_data["image"][k])
         self.cfg = new.model_copy(update={k: getattr(old, k) for k in ("api", "root", "runroot",
                                                                        "network")})
         # The reload's own event is written under the more verbose of the two levels.

@@ -60,6 +60,19 @@ class DataLoss(MoorageError):
     code = "DATA_LOSS"
 
 
+class SignatureValidationFailed(MoorageError):
+    """An image the signature policy refuses. As CRI-O does, the status is UNKNOWN and the
+    message starts with the CRI's ``SignatureValidationFailed`` (k8s.io/cri-api errors):
+    kubelet strips UNKNOWN's code, sees that prefix and reports the container waiting
+    with reason ``SignatureValidationFailed``."""
+
+    code = "UNKNOWN"
+    PREFIX = "SignatureValidationFailed"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"{self.PREFIX}: {message}")
+
+
 class Unimplemented(MoorageError):
     code = "UNIMPLEMENTED"
 

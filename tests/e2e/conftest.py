@@ -15,10 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from moorage.cri.v1 import api_pb2 as pb
-from tests.fixtures.daemon import Daemon
+from tests.fixtures.daemon import CNI_PLUGIN_DIR, Daemon
 
-CNI_DIRS = [Path("/usr/lib/cni"), Path("/opt/cni/bin")]
 SUBNET = "10.99.0.0/16"
 
 def sh(*cmd: str, check: bool = True) -> str:
@@ -72,21 +70,16 @@ def cni_dir(tmp_path: Path) -> Path:
 
 def make_daemon(tmp_path: Path, node_ns: str, cni_dir: Path, extra: list[str] | None = None
                 ) -> Daemon:
-    args = ["--cni-config-dir", str(cni_dir)]
-    for d in CNI_DIRS:
-        args += ["--cni-plugin-dir", str(d)]
-    return Daemon(tmp_path / "d", netns=node_ns, extra_args=args + (extra or []))
+    # The plugin dir as a flag, so that a test's own --cni-plugin-dir adds to it.
+    return Daemon(tmp_path / "d", netns=node_ns,
+                  extra_args=["--cni-config-dir", str(cni_dir),
+                              "--cni-plugin-dir", str(CNI_PLUGIN_DIR), *(extra or [])])
 
 
 @pytest.fixture
 def daemon(tmp_path: Path, node_ns: str, cni_dir: Path) -> Iterator[Daemon]:
     d = make_daemon(tmp_path, node_ns, cni_dir).start()
     yield d
-    # Remove whatever a failing test left, then stop.
-    try:
-        for item in d.runtime.ListPodSandbox(pb.ListPodSandboxRequest()).items:
-            d.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=item.id))
-    finally:
-        d.stop()
+    d.remove_pods_and_stop()  # whatever a failing test left
 
 

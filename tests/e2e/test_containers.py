@@ -20,8 +20,9 @@ import pytest
 from moorage.cri.v1 import api_pb2 as pb
 from tests.e2e.conftest import make_daemon
 from tests.e2e.test_images import insecure_conf
-from tests.fixtures.daemon import Daemon
+from tests.fixtures.daemon import OOM_SCORE_CLAMP, Daemon
 from tests.fixtures.oci import Image, push_image
+from tests.fixtures.procs import wait_dead
 from tests.fixtures.registry import Registry
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
@@ -45,10 +46,15 @@ def env(tmp_path: Path, node_ns: str, cni_dir: Path, registry: Registry,
 
 @contextlib.contextmanager
 def running_env(base: Path, node_ns: str, cni_dir: Path, registry: Registry,
-                busybox_ref: str, daemon_env: dict[str, str] | None = None) -> Iterator[Env]:
-    """A daemon with state in ``base`` running in the node namespace, busybox pulled; at
-    the end every pod is removed and the daemon stopped. ``daemon_env``: its environment."""
-    d = make_daemon(base, node_ns, cni_dir, ["--config", str(_config(base))])
+                busybox_ref: str, *, config_extra: str = "",
+                images: tuple[str, ...] = (),
+                daemon_env: dict[str, str] | None = None) -> Iterator[Env]:
+    """A daemon with state in ``base`` running in the node namespace, busybox (and
+    ``images``) pulled; ``config_extra`` is TOML added to its config drop-in,
+    ``daemon_env`` its environment. At the end every pod is removed and the daemon
+    stopped."""
+    d = make_daemon(base, node_ns, cni_dir)
+    d.config_text = OOM_SCORE_CLAMP + config_extra
     d.env = dict(daemon_env or {})
     d.registries_conf_text = insecure_conf(registry)
     # The registry listens on the machine's loopback; the pods' daemon runs in the node
@@ -57,6 +63,8 @@ def running_env(base: Path, node_ns: str, cni_dir: Path, registry: Registry,
     d.start()
     image_ref = d.images.PullImage(pb.PullImageRequest(
         image=pb.ImageSpec(image=busybox_ref))).image_ref
+    for ref in images:
+        d.images.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=ref)))
     d.stop()
     d.netns = node
     d.start()
@@ -65,18 +73,9 @@ def running_env(base: Path, node_ns: str, cni_dir: Path, registry: Registry,
     try:
         yield e
     finally:
-        try:
-            for item in d.runtime.ListPodSandbox(pb.ListPodSandboxRequest()).items:
-                d.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=item.id))
-        finally:
-            d.stop()
+        d.remove_pods_and_stop()
 
 
-def _config(tmp_path: Path) -> Path:
-    conf = tmp_path / "moorage.toml"
-    conf.write_text(f'[image]\nregistries_certs_dir = "{tmp_path / "certs.d"}"\n'
-                    "[runtime]\nrestrict_oom_score_adj = true\n")
-    return conf
 
 
 class Env:
@@ -88,7 +87,7 @@ class Env:
         self.rt = d.runtime
         self._n = 0
 
-    def pod(self, name: str = "", **linux: object) -> str:
+    def pod(self, name: str = "", runtime_handler: str = "", **linux: object) -> str:
         self._n += 1
         name = name or f"pod{self._n}"
         cfg = pb.PodSandboxConfig(
@@ -97,8 +96,8 @@ class Env:
         for key, value in linux.items():
             setattr(cfg.linux.security_context.namespace_options, key, value)
         self.last_pod_config = cfg
-        return str(self.rt.RunPodSandbox(pb.RunPodSandboxRequest(config=cfg),
-                                         timeout=120).pod_sandbox_id)
+        return str(self.rt.RunPodSandbox(pb.RunPodSandboxRequest(
+            config=cfg, runtime_handler=runtime_handler), timeout=120).pod_sandbox_id)
 
     def config(self, name: str, cmd: list[str], **kw: object) -> pb.ContainerConfig:
         cfg = pb.ContainerConfig(
@@ -209,12 +208,14 @@ def test_stop_signals_timeouts_and_idempotence(env: Env) -> None:
     st = env.status(term).status
     assert st.state == pb.CONTAINER_EXITED and st.exit_code == 143  # SIGTERM
     # A process that ignores SIGTERM is killed after the timeout.
-    stubborn = env.run(pod, "stubborn", ["sh", "-c", "trap '' TERM; while :; do sleep 1; done"])
+    stubborn = env.run(pod, "stubborn", [
+        "sh", "-c", "trap '' TERM; touch /tmp/trapped; while :; do sleep 1; done"])
     env.wait_state(stubborn, pb.CONTAINER_RUNNING)
-    time.sleep(0.3)
-    t0 = time.monotonic()
+    deadline = time.monotonic() + 30
+    while env.exec(stubborn, ["test", "-e", "/tmp/trapped"]).exit_code != 0:
+        assert time.monotonic() < deadline, "the shell never set its trap"
+        time.sleep(0.05)
     env.rt.StopContainer(pb.StopContainerRequest(container_id=stubborn, timeout=1))
-    assert time.monotonic() - t0 < 10
     assert env.status(stubborn).status.exit_code == 137
     now = env.run(pod, "now", ["sleep", "1000"])
     env.wait_state(now, pb.CONTAINER_RUNNING)
@@ -434,9 +435,10 @@ def test_lost_monitor_is_never_reported_running(env: Env) -> None:
     env.wait_state(cid, pb.CONTAINER_RUNNING)
     info = json.loads(env.status(cid, verbose=True).info["info"])
     env.d.kill9()
-    os.kill(info["monitorPid"], 9)
-    os.kill(info["pid"], 9)
-    time.sleep(0.5)
+    for pid in (info["monitorPid"], info["pid"]):
+        os.kill(pid, 9)
+    for pid in (info["monitorPid"], info["pid"]):
+        wait_dead(pid)
     env.d.start()
     env.rt = env.d.runtime
     st = env.status(cid).status
@@ -452,12 +454,11 @@ def test_second_runtime_handler(tmp_path: Path, node_ns: str, cni_dir: Path,
     crun would be the natural second handler, but Debian 12's crun refuses cgroup v1
     hybrid hosts such as these test machines; a second runc handler proves the wiring.
     """
-    conf = _config(tmp_path)
     runc = shutil.which("runc") or "/usr/sbin/runc"
     alt_root = tmp_path / "alt-root"
-    conf.write_text(conf.read_text() + f'[runtimes.alt]\nruntime_path = "{runc}"\n'
-                    f'runtime_root = "{alt_root}"\n')
-    d = make_daemon(tmp_path, node_ns, cni_dir, ["--config", str(conf)])
+    d = make_daemon(tmp_path, node_ns, cni_dir)
+    d.config_text = (OOM_SCORE_CLAMP + f'[runtimes.alt]\nruntime_path = "{runc}"\n'
+                     f'runtime_root = "{alt_root}"\n')
     d.registries_conf_text = insecure_conf(registry)
     node, d.netns = d.netns, None
     d.start()

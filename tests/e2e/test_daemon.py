@@ -163,12 +163,7 @@ def test_sighup_changes_the_log_level(tmp_path: Path) -> None:
         d.runtime.Version(pb.VersionRequest())
         assert "method=Version" in d.log_path.read_text()  # an OK call logs at info
         (d.base / "moorage.d" / "50-quiet.toml").write_text('log_level = "warning"\n')
-        assert d.proc is not None
-        d.proc.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 30
-        while "daemon.reloaded" not in d.log_path.read_text():
-            assert time.monotonic() < deadline, "no reload event"
-            time.sleep(0.05)
+        d.reload()
         before = d.log_path.read_text()
         d.runtime.Version(pb.VersionRequest())
         with pytest.raises(grpc.RpcError) as e:
@@ -199,3 +194,36 @@ def test_sd_notify_ready(tmp_path: Path) -> None:
     finally:
         d.stop()
         sock.close()
+
+
+def test_sighup_probes_the_cgroups_again(tmp_path: Path) -> None:
+    """What the node's cgroups can enforce is probed at start and again on SIGHUP: here a
+    huge page size appears (the daemon runs in a mount namespace of its own, where a test
+    directory stands in for /sys/kernel/mm/hugepages)."""
+    pages = tmp_path / "hugepages"
+    (pages / "hugepages-2048kB").mkdir(parents=True)
+    d = Daemon(tmp_path / "d", extra_args=["--log-format", "json"])
+    args = d.args
+    d.args = lambda: ["unshare", "--mount", "--propagation", "private", "sh", "-c",  # type: ignore[method-assign]
+                      f'mount --bind {pages} /sys/kernel/mm/hugepages && exec "$@"', "sh",
+                      *args()]
+    d.start()
+    try:
+        def probes() -> list[dict[str, object]]:
+            return [e for e in map(json.loads, d.log_path.read_text().splitlines())
+                    if e.get("event") == "daemon.cgroups"]
+
+        assert [p["hugepage_sizes"] for p in probes()] == [["2MB"]]
+        (pages / "hugepages-1048576kB").mkdir()
+        assert d.proc is not None
+        d.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while "daemon.reloaded" not in d.log_path.read_text():
+            assert time.monotonic() < deadline, "no reload event"
+            time.sleep(0.05)
+        assert [p["hugepage_sizes"] for p in probes()] == [["2MB"], ["2MB", "1GB"]]
+        reloaded = [e for e in map(json.loads, d.log_path.read_text().splitlines())
+                    if e.get("event") == "daemon.reloaded"]
+        assert "cgroups" in reloaded[0]["changed"]
+    finally:
+        d.stop()

@@ -138,7 +138,7 @@ def module_env(
     d = Daemon(
         base / "d", registries_conf_text=conf,
         config_text=(
-            f"max_layer_size = {MAX_LAYER}\nmax_layer_entries = {MAX_ENTRIES}\n"
+            f"[image]\nmax_layer_size = {MAX_LAYER}\nmax_layer_entries = {MAX_ENTRIES}\n"
             f"max_manifest_size = {MAX_MANIFEST}\npull_progress_timeout = {STALL_SECONDS}\n"
         ),
     ).start()

@@ -249,7 +249,7 @@ def test_stalled_pull_fails_then_resumes(
     with StallProxy(registry) as proxy:
         proxy.stall = True
         d = make_daemon(insecure_conf(registry) + f'[[registry]]\nlocation = "{proxy.host}"\n'
-                        "insecure = true\n", "pull_progress_timeout = 1\n")
+                        "insecure = true\n", "[image]\npull_progress_timeout = 1\n")
         ref = f"{proxy.host}/slow/app:1"
         e = rpc_error(pull, d, ref)
         assert e.code() == grpc.StatusCode.DEADLINE_EXCEEDED

@@ -382,7 +382,7 @@ def test_network_ready_follows_the_config_dir(tmp_path: Path, node_ns: str) -> N
         assert str(empty) in cond["NetworkReady"].message
         (empty / "5-broken.conflist").write_text("{not json")
         (empty / "10-bridge.conflist").write_text(json.dumps(bridge_conflist(tmp_path)))
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             cond = {c.type: c for c in d.runtime.Status(pb.StatusRequest()).status.conditions}
             if cond["NetworkReady"].status:

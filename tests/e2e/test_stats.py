@@ -27,11 +27,11 @@ from moorage.network.netns import run_in_netns
 from tests.e2e.conftest import make_daemon
 from tests.e2e.test_containers import (  # noqa: F401 - busybox_ref is a fixture
     Env,
-    _config,
     busybox_ref,
     rpc_error,
 )
 from tests.e2e.test_images import insecure_conf
+from tests.fixtures.daemon import OOM_SCORE_CLAMP
 from tests.fixtures.registry import Registry
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
@@ -56,7 +56,8 @@ def env(tmp_path: Path, node_ns: str, cni_dir: Path, registry: Registry,
         busybox_ref: str) -> Iterator[StatsEnv]:  # noqa: F811 - the fixture above
     """test_containers' Env, with the metrics endpoint on (on the machine's loopback for
     the daemon that pulls, then in the node namespace)."""
-    d = make_daemon(tmp_path, node_ns, cni_dir, ["--config", str(_config(tmp_path))])
+    d = make_daemon(tmp_path, node_ns, cni_dir)
+    d.config_text = OOM_SCORE_CLAMP
     d.registries_conf_text = insecure_conf(registry)
     node, d.netns = d.netns, None
     args = list(d.extra_args)
@@ -78,11 +79,7 @@ def env(tmp_path: Path, node_ns: str, cni_dir: Path, registry: Registry,
     try:
         yield e
     finally:
-        try:
-            for item in d.runtime.ListPodSandbox(pb.ListPodSandboxRequest()).items:
-                d.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=item.id))
-        finally:
-            d.stop()
+        d.remove_pods_and_stop()
 
 
 def stats(env: Env, cid: str) -> pb.ContainerStats:

@@ -25,6 +25,7 @@ import pytest
 
 from moorage.cri.v1 import api_pb2 as pb
 from tests.e2e.test_containers import Env, busybox_ref, env  # noqa: F401 - fixtures
+from tests.fixtures.queryproxy import query_dropping_proxy
 from tests.interop.build import build, missing
 
 pytestmark = [
@@ -270,6 +271,28 @@ def test_attach_to_a_running_tty_container(streams: Streams, env: Env) -> None: 
     assert env.wait_state(cid, pb.CONTAINER_EXITED).state == pb.CONTAINER_EXITED
 
 
+def test_attach_ends_with_the_clients_stdin(streams: Streams, env: Env) -> None:  # noqa: F811
+    """``echo abcd1234 | kubectl run --attach --stdin --leave-stdin-open -- sh -c 'cat &&
+    echo stdin closed'``: the session ends with the client's stdin and the container keeps
+    running, its stdin open (CRI-O, containerd). With ``stdin_once`` the container's stdin
+    closes too, and the session lasts until the container exits."""
+    pod = env.pod()
+    cmd = ["sh", "-c", "cat && echo stdin closed"]
+    cid = env.run(pod, "open", cmd, stdin=True)
+    url = env.rt.Attach(pb.AttachRequest(container_id=cid, stdin=True, stdout=True,
+                                         stderr=True)).url
+    res, out = streams.go(str(url), "-stdin", "-stderr", stdin=b"abcd1234\n")
+    assert (out, exit_code(res)) == (b"abcd1234\n", 0)
+    assert env.status(cid).status.state == pb.CONTAINER_RUNNING
+    once = env.run(pod, "once", cmd, stdin=True, stdin_once=True)
+    url = env.rt.Attach(pb.AttachRequest(container_id=once, stdin=True, stdout=True,
+                                         stderr=True)).url
+    res, out = streams.go(str(url), "-stdin", "-stderr", stdin=b"abcd1234\n")
+    assert (out, exit_code(res)) == (b"abcd1234\nstdin closed\n", 0)
+    st = env.wait_state(once, pb.CONTAINER_EXITED)
+    assert (st.state, st.exit_code) == (pb.CONTAINER_EXITED, 0)
+
+
 # -- port forward ---------------------------------------------------------------------------
 
 
@@ -297,3 +320,39 @@ def test_port_forward_to_a_web_server(streams: Streams, env: Env) -> None:  # no
     url = env.rt.PortForward(pb.PortForwardRequest(pod_sandbox_id=pod)).url
     res, _ = streams.go(str(url), "-mode", "portforward", "-port", "9")
     assert "connection refused" in res["conns"][0]["error"].lower()
+    # crictl/critest -websocket-portforward: SPDY tunnelled in a WebSocket (KEP-4006)
+    url = env.rt.PortForward(pb.PortForwardRequest(pod_sandbox_id=pod)).url
+    res, _ = streams.go(str(url), "-mode", "portforward", "-tunnel", "-port", "8080",
+                        "-conns", "5", "-request", "GET /index.html HTTP/1.0\r\n\r\n")
+    assert res["protocol"] == "portforward.k8s.io"
+    assert [(c["head"], c["error"]) for c in res["conns"]] == [("HTTP/1.1 200 OK", "")] * 5
+    # kubectl over WebSocket through kubelet: the upgrade reaches the URL without the
+    # client's ?port=; the ports are the PortForward request's.
+    url = str(env.rt.PortForward(pb.PortForwardRequest(pod_sandbox_id=pod, port=[8080])).url)
+    host = url.split("/")[2]
+    assert streams.ns is not None
+    with query_dropping_proxy(host, ("nsenter", f"--net={streams.ns}")) as proxied:
+        out = subprocess.run(
+            ["nsenter", f"--net={streams.ns}", sys.executable, "-c", WS_PORT_FORWARD,
+             "ws" + url.replace(host, proxied)[len("http"):] + "?port=8080"],
+            capture_output=True, timeout=60, check=True).stdout
+    assert out.startswith(b"HTTP/1.1 200 OK") and PAGE in out
+
+
+#: A WebSocket port-forward client as client-go's e2e test makes it (v4.channel.k8s.io):
+#: the port on both channels first, then one HTTP/1.0 exchange on channel 0.
+WS_PORT_FORWARD = """
+import struct, sys
+from websockets.sync.client import connect
+with connect(sys.argv[1], subprotocols=["v4.channel.k8s.io"]) as ws:
+    assert ws.recv() == b"\\x00" + struct.pack("<H", 8080)
+    assert ws.recv() == b"\\x01" + struct.pack("<H", 8080)
+    ws.send(b"\\x00GET /index.html HTTP/1.0\\r\\n\\r\\n")
+    body = b""
+    for m in ws:
+        if m[0] == 0:
+            body += m[1:]
+        else:
+            sys.exit(m[1:].decode())
+sys.stdout.buffer.write(body)
+"""

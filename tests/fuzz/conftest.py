@@ -30,7 +30,7 @@ import pytest
 from moorage.cri.v1 import api_pb2 as pb
 from tests.e2e.conftest import bridge_conflist, make_daemon
 from tests.e2e.test_images import insecure_conf
-from tests.fixtures.daemon import Daemon
+from tests.fixtures.daemon import OOM_SCORE_CLAMP, Daemon
 from tests.fixtures.netns import NetNS, entered, netns_available
 from tests.fixtures.oci import BUSYBOX, Image, push_image
 from tests.fixtures.registry import Registry, registry_available
@@ -317,7 +317,7 @@ def fuzz(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzDaemon]:
             registry.start()
             push_image(registry, "fuzz/busybox", "1", Image.busybox(labels={"suite": "fuzz"}))
         d.registries_conf_text = insecure_conf(registry)
-        d.config_text = "[runtime]\nrestrict_oom_score_adj = true\n"
+        d.config_text = OOM_SCORE_CLAMP
         os.chdir(cwd)
         try:
             d.start()

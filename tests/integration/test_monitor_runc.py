@@ -37,6 +37,7 @@ from moorage.monitor.client import (
     open_attach,
 )
 from moorage.util.helper import helper_env
+from tests.fixtures.procs import alive
 
 RUNC = "/usr/sbin/runc"
 BUSYBOX = "/bin/busybox"
@@ -52,14 +53,6 @@ pytestmark = [
     pytest.mark.skipif(not os.path.exists(RUNC), reason=f"{RUNC} missing (Debian runc)"),
     pytest.mark.skipif(not os.path.exists(BUSYBOX), reason=f"{BUSYBOX} missing"),
 ]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except FileNotFoundError:
-        return False
 
 
 def _cmdline(pid: int) -> str:
@@ -206,8 +199,8 @@ class Env:
             await self.client.shutdown_server()
         for pid in self.monitors:
             with contextlib.suppress(AssertionError):
-                await _until(lambda pid=pid: not _alive(pid), f"monitor {pid} to exit")
-            if _alive(pid) and "moorage.monitor" in _cmdline(pid):
+                await _until(lambda pid=pid: not alive(pid), f"monitor {pid} to exit")
+            if alive(pid) and "moorage.monitor" in _cmdline(pid):
                 os.kill(pid, signal.SIGKILL)
         _kill_server(self.runroot)
         _remove_cgroups(self.cgroup_parent)
@@ -218,7 +211,7 @@ def _kill_server(runroot: Path) -> None:
     pid_file = runroot / protocol.SERVER_DIR / protocol.SERVER_PID
     with contextlib.suppress(OSError, ValueError):
         pid = int(pid_file.read_text())
-        if _alive(pid) and str(runroot) in _cmdline(pid):
+        if alive(pid) and str(runroot) in _cmdline(pid):
             os.kill(pid, signal.SIGKILL)
 
 
@@ -259,7 +252,7 @@ async def test_output_exit_code_and_log_format(env: Env) -> None:
     created, state, log = await env.create(
         "out", ["sh", "-c", "echo out1; echo err1 >&2; echo out2; printf 'no end'; exit 3"]
     )
-    assert _alive(created.monitor_pid)
+    assert alive(created.monitor_pid)
     assert (state / "monitor.pid").read_text() == f"{created.monitor_pid}\n"
     assert (state / "pidfile").read_text().strip() == str(created.pid)
     assert log.exists() and log.stat().st_size == 0  # made before the container ran
@@ -277,7 +270,7 @@ async def test_output_exit_code_and_log_format(env: Env) -> None:
     ]
     assert MonitorClient.read_exit(state) == status
     # The monitor is gone, and so are its sockets.
-    assert not _alive(created.monitor_pid)
+    assert not alive(created.monitor_pid)
     assert not (state / "attach").exists() and not (state / "ctl").exists()
 
 
@@ -441,7 +434,7 @@ async def test_stdin_through_attach(env: Env) -> None:
     assert (protocol.STREAM_STDOUT, b"hello\n") in frames
     await _until(lambda: b"hello\n" in stream_text(log, b"stdout"), "hello in the log")
     await asyncio.sleep(0.2)
-    assert _alive(created.pid)
+    assert alive(created.pid)
     env.runc("kill", "cat", "KILL")
     assert (await env.wait(created, state)).exit_code == 137
 
@@ -576,14 +569,14 @@ async def test_monitor_outlives_its_requester_and_the_server(env: Env) -> None:
     created = Created(pid=answer["pid"], monitor_pid=answer["monitor_pid"])
     env.monitors.append(created.monitor_pid)
     monitor_pid = created.monitor_pid
-    assert _alive(monitor_pid)
+    assert alive(monitor_pid)
     # Its parent is not the server (it double-forked): init or the nearest subreaper.
     server_pid = int((env.runroot / protocol.SERVER_DIR / protocol.SERVER_PID).read_text())
     assert _parent(monitor_pid) not in (server_pid, os.getpid())
     os.kill(server_pid, signal.SIGKILL)
-    await _until(lambda: not _alive(server_pid), "the server's death")
+    await _until(lambda: not alive(server_pid), "the server's death")
     await asyncio.sleep(0.2)
-    assert _alive(monitor_pid)
+    assert alive(monitor_pid)
     env.start("survivor")
     # A new daemon: a new client, which starts a new server, and waits through a pidfd.
     fresh = MonitorClient(env.runroot)
@@ -643,7 +636,7 @@ async def test_ten_monitors(env: Env) -> None:
     await asyncio.sleep(1)
     pss = []
     for created, _, log in made:
-        assert _alive(created.monitor_pid)
+        assert alive(created.monitor_pid)
         pss.append(_pss_kib(created.monitor_pid))
         assert entries(log)
     print(f"monitor PSS KiB: min {min(pss)} median {sorted(pss)[5]} max {max(pss)}")

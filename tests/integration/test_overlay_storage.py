@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from moorage.errors import AlreadyExists, FailedPrecondition
+from moorage.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from moorage.storage import ContainerStorage
 from moorage.storage.overlay import _mount_points, link_name
 
@@ -192,4 +192,35 @@ def test_failed_volume_rolls_back(
     with pytest.raises(Exception, match="not a directory"):
         storage.create("c1", layers, volumes=["/etc/hostname/x"])
     assert _mounted_under(tmp_path) == []
+    assert storage.list_ids() == []
+
+
+def test_image_volume_mounts(storage: ContainerStorage, layers: list[Path],
+                             tmp_path: Path) -> None:
+    """An image mounted read-only (no upper) for a CRI image volume: the union of its
+    layers, a sub path resolved inside it, a layer-less image, all detached by unmount."""
+    storage.create("c1", layers)
+    whole = storage.mount_image("c1", 0, layers)
+    assert whole == storage.image_mount("c1", 0)
+    assert (whole / "etc" / "hostname").read_text() == "top\n"
+    assert not (whole / "etc" / "gone").exists()
+    assert sorted(os.listdir(whole / "opaque")) == ["new"]
+    with pytest.raises(OSError, match="Read-only file system"):
+        (whole / "new").write_text("x")
+    options = next(line.split()[5] for line in Path("/proc/self/mountinfo").read_text()
+                   .splitlines() if line.split()[4] == str(whole.resolve()))
+    assert {"ro", "nosuid", "nodev"} <= set(options.split(","))
+    # var/run -> /run: the image's own /run, not the host's.
+    assert storage.mount_image("c1", 1, layers, sub_path="var/run") == storage.image_mount(
+        "c1", 1) / "run"
+    one = storage.mount_image("c1", 2, layers[:1], sub_path="etc/hostname")
+    assert one.read_text() == "base\n"
+    empty = storage.mount_image("c1", 3, [])
+    assert os.listdir(empty) == []
+    with pytest.raises(InvalidArgument, match=r"config\.mounts\[4\]\.image_sub_path: 'etc/x'"):
+        storage.mount_image("c1", 4, layers, sub_path="etc/x")
+    assert len(_mounted_under(tmp_path / "overlay" / "containers" / "c1" / "image-mounts")) == 5
+    storage.unmount("c1")
+    assert _mounted_under(tmp_path) == []
+    storage.remove("c1")
     assert storage.list_ids() == []

@@ -1,5 +1,6 @@
-"""Builds the Go interop programs of this directory, offline, with Debian's Go and
-spdystream (``golang-go``, ``golang-github-docker-spdystream-dev``)."""
+"""Builds the Go interop programs of this directory, offline, with Debian's Go,
+spdystream and gorilla/websocket (``golang-go``, ``golang-github-docker-spdystream-dev``,
+``golang-github-gorilla-websocket-dev``)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 HERE = Path(__file__).parent
 GOPATH = Path("/usr/share/gocode")
 SPDYSTREAM = GOPATH / "src/github.com/moby/spdystream"
+GORILLA = GOPATH / "src/github.com/gorilla/websocket"
 GO = shutil.which("go") or "/usr/lib/go/bin/go"
 
 
@@ -20,6 +22,8 @@ def missing() -> str | None:
         return "needs Go (Debian package golang-go)"
     if not SPDYSTREAM.is_dir():
         return "needs spdystream (Debian package golang-github-docker-spdystream-dev)"
+    if not GORILLA.is_dir():
+        return "needs gorilla/websocket (Debian package golang-github-gorilla-websocket-dev)"
     return None
 
 

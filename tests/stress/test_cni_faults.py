@@ -16,7 +16,6 @@ import pytest
 
 from moorage.cri.v1 import api_pb2 as pb
 from tests.e2e.conftest import CNI_DIRS, bridge_conflist, in_ns, make_daemon
-from tests.e2e.test_crash_consistency import remove_everything
 from tests.e2e.test_sandboxes import assert_node_clean, pod_config, pod_status, rpc_error, run_pod
 from tests.fixtures.daemon import Daemon
 from tests.fixtures.faults import cni_wrapper, hung_commands, set_rules
@@ -49,18 +48,13 @@ def node(tmp_path: Path, node_ns: str, cni_dir: Path) -> Iterator[Node]:
     conf["plugins"][0]["type"] = "flaky"  # type: ignore[index]
     (cni_dir / "10-bridge.conflist").write_text(json.dumps(conf))
     d = make_daemon(tmp_path, node_ns, cni_dir, ["--cni-plugin-dir", str(plugins)])
-    d.base.mkdir(parents=True)
-    (d.base / "moorage.d").mkdir()
-    (d.base / "moorage.d" / "cni.toml").write_text(f"[network]\ncni_timeout = {CNI_TIMEOUT}\n")
+    d.config_text = f"[network]\ncni_timeout = {CNI_TIMEOUT}\n"
     d.start()
     try:
         yield Node(d, rules, node_ns, tmp_path)
     finally:
         set_rules(rules)
-        try:
-            remove_everything(d.runtime)
-        finally:
-            d.stop()
+        d.remove_pods_and_stop()
 
 
 def test_add_hangs_then_is_killed_and_rolled_back(node: Node) -> None:

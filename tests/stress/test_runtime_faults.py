@@ -34,13 +34,7 @@ class Faulty:
         self.node_ns = node_ns
 
     def pod(self, name: str) -> str:
-        cfg = pb.PodSandboxConfig(
-            metadata=pb.PodSandboxMetadata(name=name, namespace="ns", uid=f"uid-{name}"),
-            hostname=name, log_directory=str(self.env.tmp / "logs" / name))
-        self.env.last_pod_config = cfg
-        return str(self.env.rt.RunPodSandbox(
-            pb.RunPodSandboxRequest(config=cfg, runtime_handler=HANDLER),
-            timeout=60).pod_sandbox_id)
+        return self.env.pod(name, runtime_handler=HANDLER)
 
     def fail(self, **actions: str) -> None:
         set_rules(self.rules, **actions)
@@ -67,12 +61,10 @@ def faulty(tmp_path: Path, node_ns: str, cni_dir: Path, registry: Registry,
            busybox_ref: str) -> Iterator[Faulty]:
     rules = tmp_path / "runtime-rules"
     wrapper = runtime_wrapper(tmp_path / "bin", rules)
-    dropins = tmp_path / "d" / "moorage.d"
-    dropins.mkdir(parents=True)
-    (dropins / "faulty.toml").write_text(
-        f'[runtimes.{HANDLER}]\nruntime_path = "{wrapper}"\n'
-        f"command_timeout = {COMMAND_TIMEOUT}\ncreate_timeout = {CREATE_TIMEOUT}\n")
-    with running_env(tmp_path, node_ns, cni_dir, registry, busybox_ref) as env:
+    handler = (f'[runtimes.{HANDLER}]\nruntime_path = "{wrapper}"\n'
+               f"command_timeout = {COMMAND_TIMEOUT}\ncreate_timeout = {CREATE_TIMEOUT}\n")
+    with running_env(tmp_path, node_ns, cni_dir, registry, busybox_ref,
+                     config_extra=handler) as env:
         yield Faulty(env, rules, node_ns)
 
 

@@ -90,8 +90,16 @@ class FakeCgroupfs:
         self.mountinfo = root.parent / "mountinfo"
         self.mountinfo.write_text("\n".join(lines) + "\n")
 
-    def layout(self) -> Layout:
-        return Layout.detect(self.root, self.mountinfo)
+    def layout(self, page_sizes_kb: tuple[int, ...] = (2048, 1048576)) -> Layout:
+        """The layout as the daemon probes it, with these huge page sizes in the kernel and
+        this process in the cgroup ``/self`` (made, on v2, with the root's controllers)."""
+        pages = self.root.parent / "hugepages"
+        pages.mkdir(exist_ok=True)
+        for kb in page_sizes_kb:
+            (pages / f"hugepages-{kb}kB").mkdir(exist_ok=True)
+        own = self.root.parent / "self-cgroup"
+        own.write_text("0::/\n")
+        return Layout.detect(self.root, self.mountinfo, pages, own)
 
     def hierarchy_of(self, path: Path) -> Path | None:
         for point in self.kinds:
@@ -869,21 +877,88 @@ def test_v1_values(v1: FakeCgroupfs) -> None:
     assert writes == [("cpu.cfs_quota_us", "-1"), ("pids.max", "max")]
 
 
-def test_v1_refuses_unified(v1: FakeCgroupfs) -> None:
+def test_v1_drops_unified(v1: FakeCgroupfs) -> None:
+    """CRI-O's answer: v2 settings mean nothing on v1 (kubelet sends them on v2 only)."""
     cg = PodCgroup(v1.layout(), "/pod")
-    with pytest.raises(InvalidArgument, match="^linux.resources.unified: .*cgroup v1"):
-        cg.apply(Resources(unified={"memory.high": "1"}))
+    cg.create()
+    v1.writes.clear()
+    cg.apply(Resources(unified={"memory.high": "1"}, pids_limit=5))
+    assert v1.writes == [("pids.max", "5")]
 
 
 def test_v1_missing_controller(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """This host's case: no hugetlb hierarchy. kubelet's hugepage limits are dropped (one
+    debug line); a cpu limit without the cpu controller is refused, naming the field."""
     fs = FakeCgroupfs(tmp_path / "cg", {"memory": ["memory"], "pids": ["pids"]})
     fs.install(monkeypatch)
     cg = PodCgroup(fs.layout(), "/pod")
     cg.create()
-    with pytest.raises(FailedPrecondition, match="'hugetlb' is not mounted"):
-        cg.apply(Resources(hugepage_limits={"2MB": 1}))
-    with pytest.raises(FailedPrecondition, match="'cpu' is not mounted"):
+    fs.writes.clear()
+    cg.apply(Resources(hugepage_limits={"2MB": 0, "1GB": 0}, memory_limit=1 << 20))
+    assert fs.writes == [("memory.limit_in_bytes", str(1 << 20))]
+    with pytest.raises(FailedPrecondition,
+                       match="^linux.resources.cpu_shares: the cpu controller is not available"):
         cg.apply(Resources(cpu_shares=2))
+
+
+def test_v1_hugepages_only_of_sizes_the_node_has(v1: FakeCgroupfs) -> None:
+    cg = PodCgroup(v1.layout(page_sizes_kb=(2048,)), "/pod")
+    cg.create()
+    v1.writes.clear()
+    cg.apply(Resources(hugepage_limits={"2MB": 1 << 21, "1GB": 0}))
+    assert v1.writes == [("hugetlb.2MB.limit_in_bytes", str(1 << 21))]
+
+
+def test_v2_hugepages_need_hugetlb_enabled_for_the_pod(v2: FakeCgroupfs) -> None:
+    """v2: the pod cgroup's parent must have enabled hugetlb (its cgroup.controllers)."""
+    cg = PodCgroup(v2.layout(), "/kubepods/pod1")
+    cg.create()
+    d = v2.root / "kubepods/pod1"
+    v2.writes.clear()
+    cg.apply(Resources(hugepage_limits={"2MB": 0}))
+    assert v2.writes == [("hugetlb.2MB.max", "0")]
+    (d / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
+    v2.writes.clear()
+    cg.apply(Resources(hugepage_limits={"2MB": 0}, cpu_shares=2))
+    assert v2.writes == [("cpu.weight", "1")]
+    with pytest.raises(FailedPrecondition, match=r"unified\['hugetlb.2MB.rsvd.max'\]: the "
+                       "hugetlb controller is not available to cgroup /kubepods/pod1"):
+        cg.apply(Resources(unified={"hugetlb.2MB.rsvd.max": "0"}))
+
+
+def test_v2_unified_swap_without_swap_accounting(v2: FakeCgroupfs) -> None:
+    """kubelet's NoSwap (``memory.swap.max: 0``) where swap is not accounted: dropped, as
+    runc drops the swap field's 0 and max; other values are refused by the kernel."""
+    cg = PodCgroup(v2.layout(), "/pod")
+    cg.create()
+    (v2.root / "pod/memory.swap.max").unlink()
+    v2.writes.clear()
+    cg.apply(Resources(unified={"memory.swap.max": "0", "memory.high": "100"}))
+    assert v2.writes == [("memory.high", "100")]
+    with pytest.raises(FailedPrecondition, match="memory.swap.max"):
+        cg.apply(Resources(unified={"memory.swap.max": "100"}))
+
+
+def test_hugepage_sizes(tmp_path: Path) -> None:
+    for entry in ("hugepages-2048kB", "hugepages-1048576kB", "hugepages-64kB",
+                  "hugepages-32768kB", "hugepages-16777216kB", "other", "hugepages-x"):
+        (tmp_path / entry).mkdir()
+    assert cgroups.hugepage_sizes(tmp_path) == {"2MB", "1GB", "64KB", "32MB", "16GB"}
+    assert cgroups.hugepage_sizes(tmp_path / "missing") == frozenset()
+
+
+def test_detect_probes_swap_accounting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with_memsw = FakeCgroupfs(tmp_path / "a" / "cg", {"memory": ["memory"]})
+    assert with_memsw.layout().swap_accounting
+    without = FakeCgroupfs(tmp_path / "b" / "cg", {"memory": ["memory"]}, memsw=False)
+    assert not without.layout().swap_accounting
+    v2 = FakeCgroupfs(tmp_path / "c" / "cg", None)
+    v2.install(monkeypatch)
+    PodCgroup(v2.layout(), "/self").create()
+    layout = v2.layout()
+    assert layout.swap_accounting and layout.v2_controllers >= {"memory", "hugetlb"}
+    (v2.root / "self/memory.swap.max").unlink()
+    assert not v2.layout().swap_accounting
 
 
 def test_v1_remove_everywhere_and_report_busy(v1: FakeCgroupfs) -> None:

@@ -53,6 +53,14 @@ def test_relative_root_refused(tmp_path: Path) -> None:
         config.load(_write(tmp_path / "m.toml", ""), tmp_path, {"root": Path("rel")})
 
 
+def test_cdi_spec_dirs(tmp_path: Path) -> None:
+    cfg = config.load(_write(tmp_path / "m.toml", '[cdi]\nspec_dirs = ["/a", "/b"]\n'), tmp_path)
+    assert cfg.cdi.spec_dirs == [Path("/a"), Path("/b")]
+    with pytest.raises(config.ConfigError,
+                       match=r"'cdi\.spec_dirs\.0': must be an absolute path \(got 'cdi'\)"):
+        config.load(_write(tmp_path / "m.toml", '[cdi]\nspec_dirs = ["cdi"]\n'), tmp_path)
+
+
 def test_bad_toml_and_missing_explicit_file(tmp_path: Path) -> None:
     with pytest.raises(config.ConfigError, match="not valid TOML"):
         config.load(_write(tmp_path / "m.toml", "a = ["), tmp_path)

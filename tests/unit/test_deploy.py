@@ -72,13 +72,6 @@ def test_cni_and_crictl_configs() -> None:
     assert crictl["runtime-endpoint"] == f"unix://{config.ApiConfig().listen}"
 
 
-def test_registries_conf_example_parses() -> None:
-    from moorage.image.registries import RegistriesConfig
-
-    conf = RegistriesConfig.parse((DEPLOY / "config/registries.conf").read_text())
-    assert conf.unqualified_search_registries == ("docker.io",)
-
-
 def test_configuration_reference_is_current() -> None:
     text = (ROOT / "docs/configuration.md").read_text()
     start = text.index("-->\n", text.index("<!-- generated")) + 4

@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 
 from moorage.stats.checkpoint import CheckpointRequest, _export
-from moorage.util.fs import prepare_beneath, remove_tree, tree_usage, walk_tree
+from moorage.util.fs import (
+    open_in_root,
+    prepare_beneath,
+    remove_tree,
+    tree_usage,
+    walk_tree,
+)
 
 DEPTH = 2100  # deeper than sys.getrecursionlimit(), and paths longer than PATH_MAX
 
@@ -130,6 +136,43 @@ def test_prepare_beneath_creates_dirs_and_refuses_planted_symlinks(tmp_path: Pat
     for bad in ("/abs/0.log", "../0.log", "a/../../0.log", ""):
         with pytest.raises(ValueError):
             prepare_beneath(logs, bad)
+
+
+def _resolved(root: Path, path: str) -> str | None:
+    found = open_in_root(root, path)
+    if found is None:
+        return None
+    fd, relative = found
+    try:
+        assert os.path.samestat(os.fstat(fd), os.stat(root / relative, follow_symlinks=False))
+    finally:
+        os.close(fd)
+    return relative
+
+
+def test_open_in_root_resolves_links_as_inside_the_root(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "a" / "b").mkdir(parents=True)
+    (root / "a" / "b" / "f").write_text("x")
+    (root / "abs").symlink_to("/a")  # the root's /a, not the host's
+    (root / "a" / "rel").symlink_to("../a/b")
+    (root / "climb").symlink_to("../../../../..")  # stops at the root
+    (root / "host").symlink_to(str(tmp_path))  # an absolute host path: inside the root
+    (root / "loop").symlink_to("loop")
+    (root / "file-as-dir").symlink_to("a/b/f")
+    assert _resolved(root, "") == ""
+    assert _resolved(root, "/a/./b/") == "a/b"
+    assert _resolved(root, "abs/b/f") == "a/b/f"
+    assert _resolved(root, "a/rel/f") == "a/b/f"
+    assert _resolved(root, "climb/a") == "a"
+    assert _resolved(root, "a/../../../a/b") == "a/b"
+    assert _resolved(root, "file-as-dir") == "a/b/f"
+    assert _resolved(root, "file-as-dir/x") is None
+    assert _resolved(root, "host/root") is None  # tmp_path's "root" is not in the root
+    assert _resolved(root, "missing/f") is None
+    with pytest.raises(OSError) as e:
+        open_in_root(root, "loop")
+    assert e.value.errno == errno.ELOOP
 
 
 def test_checkpoint_archive_replaces_a_symlink_at_the_location(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from moorage.container import cdi
 from moorage.container import spec as specgen
 from moorage.container.manager import ContainerManager
 from moorage.container.manager import Paths as ContainerPaths
@@ -59,7 +60,8 @@ def rpcs(tmp_path: Path) -> Rpcs:
         sandboxes=sandboxes, storage=ContainerStorage(tmp_path / "overlay"),
         monitor=MonitorClient(tmp_path / "run"),
         runtimes={"runc": OciRuntime("runc", "runc", tmp_path / "runc")},
-        spec_options=specgen.SpecOptions(), memory_cgroup_root=None, log_max_line=16384)
+        spec_options=specgen.SpecOptions(), cdi_registry=cdi.Registry([tmp_path / "cdi"]),
+        memory_cgroup_root=None, log_max_line=16384)
     return Rpcs(sandboxes, containers)
 
 

@@ -28,14 +28,7 @@ from moorage.monitor.client import (
     MonitorError,
     MonitorFailure,
 )
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+from tests.fixtures.procs import alive
 
 
 def _parent(pid: int) -> int:
@@ -60,7 +53,7 @@ def _processes_in(directory: Path) -> list[int]:
 
 async def _gone(pid: int, timeout: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout
-    while _alive(pid):
+    while alive(pid):
         if time.monotonic() > deadline:
             return False
         await asyncio.sleep(0.02)
@@ -109,7 +102,7 @@ async def test_ensure_server_starts_one_and_finds_it_again(
 ) -> None:
     await client.ensure_server()
     pid = client.server_pid
-    assert pid is not None and _alive(pid)
+    assert pid is not None and alive(pid)
     await client.ensure_server()
     assert client.server_pid == pid
     # A restarted daemon (a new client) finds the same server.

@@ -7,9 +7,11 @@ child in its process group), to see the whole group killed and reaped.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -181,16 +183,23 @@ async def test_features_unsupported_and_version(tmp_path: Path) -> None:
     assert await rt.version() == "0.9.1"
 
 
-async def test_control_command_timeout_kills_the_group(tmp_path: Path) -> None:
+@pytest.mark.parametrize("leader", ["waits", "exits"])
+async def test_control_command_timeout_kills_the_group(tmp_path: Path, leader: str) -> None:
+    """A command that does not finish in time is killed with everything it started: also
+    when the command itself has exited and a child it left holds its stdout open."""
     pid_file = tmp_path / "child.pid"
-    binary = _script(tmp_path / "rt", f"sleep 300 &\necho $! > {pid_file}\nwait\n")
+    end = "wait\n" if leader == "waits" else "exit 0\n"
+    binary = _script(tmp_path / "rt", f"sleep 300 &\necho $! > {pid_file}\n{end}")
     rt = OciRuntime("slow", str(binary), tmp_path / "root", command_timeout=0.5)
     with pytest.raises(DeadlineExceeded, match=r"handler 'slow': `start abc` did not finish"):
         await rt.start("abc")
     child = int(pid_file.read_text())
-    # The grandchild was in the runtime's process group: killed (then reaped by init).
-    st = _stat_fields(child)
-    assert st is None or st[0] in ("Z", "X")
+    # The grandchild was in the runtime's process group: SIGKILLed. It dies when next
+    # scheduled (then init reaps it), so wait for that with a deadline.
+    deadline = time.monotonic() + 30
+    while (st := _stat_fields(child)) is not None and st[0] not in ("Z", "X"):
+        assert time.monotonic() < deadline, f"grandchild {child} still alive: {st}"
+        await asyncio.sleep(0.02)
     assert _zombie_children() == []
 
 

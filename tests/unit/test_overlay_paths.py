@@ -24,13 +24,15 @@ def test_link_names_are_short_stable_and_distinct(tmp_path: Path) -> None:
 def test_mount_data_limit(tmp_path: Path) -> None:
     storage = ContainerStorage(tmp_path / "overlay")
     cid = "c" * 64
-    names = [link_name(tmp_path / str(i)) for i in range(120)]
-    data = storage._mount_data(cid, names)
+    names = [f"l/{link_name(tmp_path / str(i))}" for i in range(120)]
+    data = storage._mount_data(names, f"containers/{cid}", index_off=True)
     assert len(data) < 4096
     assert data.startswith("lowerdir=l/")
-    assert f",upperdir=containers/{cid}/upper,workdir=containers/{cid}/work" in data
+    assert f",upperdir=containers/{cid}/upper,workdir=containers/{cid}/work,index=off" in data
     with pytest.raises(InvalidArgument, match="too many layers"):
-        storage._mount_data(cid, names * 2)
+        storage._mount_data(names * 2, f"containers/{cid}")
+    # An image volume's overlay: lower dirs only (read-only).
+    assert storage._mount_data(names[:2], None) == f"lowerdir={names[0]}:{names[1]}"
 
 
 def test_too_many_layers_is_refused_before_anything_is_made(tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ from moorage.container.spec import (
 )
 from moorage.container.users import ResolvedUser
 from moorage.errors import InvalidArgument
+from moorage.sandbox.cgroups import Layout
 
 #: Every capability of a kernel with cap_last_cap 40, as tests use it.
 ALL_CAPS = defaults.CAPABILITY_NAMES
@@ -82,9 +83,23 @@ def pod_files(tmp_path: Path) -> Path:
     return d
 
 
+#: A cgroup v1 node with every controller, both page sizes and swap accounting; and its v2
+#: twin (the pod cgroups of the tests do not exist: the root's controllers apply).
+V1_NODE = Layout(
+    root=Path("/sys/fs/cgroup"), version=1,
+    v1_controllers={c: Path("/sys/fs/cgroup") / c for c in
+                    ("cpu", "cpuacct", "cpuset", "memory", "pids", "hugetlb", "blkio")},
+    hugepage_sizes=frozenset({"2MB", "1GB"}), swap_accounting=True,
+)
+V2_NODE = Layout(
+    root=Path("/nonexistent/cgroup"), version=2, unified=Path("/nonexistent/cgroup"),
+    hugepage_sizes=frozenset({"2MB", "1GB"}), swap_accounting=True,
+    v2_controllers=frozenset({"cpuset", "cpu", "io", "memory", "hugetlb", "pids"}),
+)
+
 OPTIONS = SpecOptions(
     all_capabilities=ALL_CAPS,
-    swap_accounting=True,
+    cgroups=V1_NODE,
     apparmor_enabled=False,
     daemon_oom_score_adj=0,
 )

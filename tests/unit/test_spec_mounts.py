@@ -3,6 +3,7 @@ resources of the OCI spec."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,16 @@ from moorage.container.model import ContainerResources, Device, Mount
 from moorage.container.spec import host_devices, oci_resources
 from moorage.errors import FailedPrecondition, InvalidArgument
 from moorage.sandbox.cgroups import Resources
-from tests.unit.test_spec_document import OPTIONS, build, make_sandbox, make_spec, opts, pod_files
+from tests.unit.test_spec_document import (
+    OPTIONS,
+    V1_NODE,
+    V2_NODE,
+    build,
+    make_sandbox,
+    make_spec,
+    opts,
+    pod_files,
+)
 
 
 def by_dest(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -211,7 +221,9 @@ def test_recursive_read_only(tmp_path: Path, hosts: tuple[Path, Path]) -> None:
     rro = Mount("/r", str(tmp_path), readonly=True, recursive_read_only=True)
     doc = build(spec=make_spec(mounts=(rro,)), options=opts(rro_supported=True))
     assert by_dest(doc)["/r"]["options"] == ["rbind", "rprivate", "rro"]
-    with pytest.raises(FailedPrecondition, match="^RROUnsupported: .*not supported by the runtime"):
+    with pytest.raises(InvalidArgument,
+                       match=r"^config\.mounts\[0\]\.recursive_read_only: .*not supported by "
+                             "this runtime handler"):
         build(spec=make_spec(mounts=(rro,)))
     rw = Mount("/r", str(tmp_path), readonly=False, recursive_read_only=True)
     with pytest.raises(InvalidArgument, match="recursive_read_only: needs readonly"):
@@ -225,6 +237,11 @@ def test_recursive_read_only(tmp_path: Path, hosts: tuple[Path, Path]) -> None:
             spec=make_spec(mounts=(m,)),
             options=opts(rro_supported=True, mountinfo=str(mountinfo)),
         )
+    # Checked before the host path's own propagation (a private one here).
+    m = Mount("/r", str(tmp_path), readonly=True, recursive_read_only=True,
+              propagation="rshared")
+    with pytest.raises(InvalidArgument, match="recursive_read_only: needs private propagation"):
+        build(spec=make_spec(mounts=(m,)), options=opts(rro_supported=True))
 
 
 # -- devices ---------------------------------------------------------------------------------------
@@ -346,9 +363,8 @@ def test_resources_empty() -> None:
     ],
 )
 def test_memory_swap(memory: int, swap: int, accounting: bool, expected: dict[str, int]) -> None:
-    out = oci_resources(
-        res(memory_limit=memory, memory_swap_limit=swap), opts(swap_accounting=accounting)
-    )
+    node = dataclasses.replace(V1_NODE, swap_accounting=accounting)
+    out = oci_resources(res(memory_limit=memory, memory_swap_limit=swap), opts(cgroups=node))
     assert out["memory"] == expected
 
 
@@ -360,10 +376,8 @@ def test_memory_swap(memory: int, swap: int, accounting: bool, expected: dict[st
         ({"memory_limit": -5}, "memory_limit_in_bytes"),
         ({"cpu_shares": -1}, "cpu_shares"),
         ({"hugepage_limits": {"2M": 1}}, "page size '2M'"),
-        (
-            {"unified": {"memory.high": "1G"}},
-            "unified: cgroup v2 settings, but this host has cgroup v1",
-        ),
+        ({"hugepage_limits": {"2MB": -1}}, "limit -1 for 2MB is negative"),
+        ({"unified": {"memoryhigh": "1G"}}, "not a cgroup file name"),
     ],
 )
 def test_resource_refusals(kw: dict[str, Any], match: str) -> None:
@@ -373,7 +387,72 @@ def test_resource_refusals(kw: dict[str, Any], match: str) -> None:
 
 
 def test_unified_on_v2() -> None:
-    out = oci_resources(res(unified={"memory.high": "1G"}), opts(cgroup_v2=True))
+    out = oci_resources(res(unified={"memory.high": "1G"}), opts(cgroups=V2_NODE))
     assert out["unified"] == {"memory.high": "1G"}
     with pytest.raises(InvalidArgument, match="not a cgroup file name"):
-        oci_resources(res(unified={"../x": "1"}), opts(cgroup_v2=True))
+        oci_resources(res(unified={"../x": "1"}), opts(cgroups=V2_NODE))
+
+
+#: What kubelet 1.35 sends for a container on a node with 2MB and 1GB pages (cgroup v1).
+KUBELET_DEFAULTS = {"cpu_shares": 2, "cpu_period": 100000, "memory_limit": 64 << 20,
+                    "memory_swap_limit": 64 << 20, "hugepage_limits": {"2MB": 0, "1GB": 0}}
+
+
+def test_kubelet_defaults_on_a_node_without_hugetlb() -> None:
+    """The kubelet-requests issue: no hugetlb hierarchy mounted (cgroup v1 hybrid), so the
+    hugepage limits kubelet always sends are dropped (CRI-O, containerd) and runc is not
+    asked for them; everything else stays."""
+    node = dataclasses.replace(V1_NODE, v1_controllers={
+        k: v for k, v in V1_NODE.v1_controllers.items() if k != "hugetlb"})
+    out = oci_resources(res(**KUBELET_DEFAULTS), opts(cgroups=node), make_sandbox(),
+                        container_id="c0ffee")
+    assert "hugepageLimits" not in out
+    assert out["cpu"] == {"shares": 2, "period": 100000}
+    assert out["memory"] == {"limit": 64 << 20, "swap": 64 << 20}
+    # with the controller: as sent
+    out = oci_resources(res(**KUBELET_DEFAULTS), opts(cgroups=V1_NODE))
+    assert out["hugepageLimits"] == [{"pageSize": "2MB", "limit": 0},
+                                     {"pageSize": "1GB", "limit": 0}]
+
+
+def test_hugepage_sizes_the_node_lacks_are_dropped() -> None:
+    node = dataclasses.replace(V2_NODE, hugepage_sizes=frozenset({"2MB"}))
+    out = oci_resources(res(hugepage_limits={"2MB": 4 << 20, "1GB": 0}), opts(cgroups=node))
+    assert out["hugepageLimits"] == [{"pageSize": "2MB", "limit": 4 << 20}]
+    node = dataclasses.replace(V2_NODE, v2_controllers=V2_NODE.v2_controllers - {"hugetlb"})
+    assert "hugepageLimits" not in oci_resources(
+        res(hugepage_limits={"2MB": 1 << 21}), opts(cgroups=node))
+
+
+def test_swap_dropped_without_swap_accounting() -> None:
+    node = dataclasses.replace(V2_NODE, swap_accounting=False)
+    kw = {**KUBELET_DEFAULTS, "unified": {"memory.swap.max": "0", "memory.oom.group": "1"}}
+    out = oci_resources(res(**kw), opts(cgroups=node))
+    assert out["memory"] == {"limit": 64 << 20}
+    assert out["unified"] == {"memory.oom.group": "1"}  # kubelet's NoSwap key: dropped
+    out = oci_resources(res(unified={"memory.swap.max": "0"}), opts(cgroups=V2_NODE))
+    assert out["unified"] == {"memory.swap.max": "0"}
+
+
+def test_unified_on_v1_is_dropped() -> None:
+    """CRI-O's answer on cgroup v1 (kubelet sends ``unified`` only on v2)."""
+    out = oci_resources(res(unified={"memory.high": "1G"}, cpu_shares=2), opts(cgroups=V1_NODE))
+    assert "unified" not in out and out["cpu"] == {"shares": 2}
+
+
+@pytest.mark.parametrize(
+    ("kw", "field"),
+    [
+        ({"cpuset_cpus": "0-1"}, "cpuset_cpus"),
+        ({"cpuset_mems": "0"}, "cpuset_mems"),
+        ({"unified": {"cpuset.cpus.partition": "root"}}, "unified['cpuset.cpus.partition']"),
+    ],
+)
+def test_limits_of_a_controller_the_pod_lacks_are_refused(kw: dict[str, Any], field: str
+                                                          ) -> None:
+    """cpuset on a node without cpuset delegation: runc would fail the create; the request
+    fails first, naming the field (a pinned CPU set silently dropped would be wrong)."""
+    node = dataclasses.replace(V2_NODE, v2_controllers=V2_NODE.v2_controllers - {"cpuset"})
+    with pytest.raises(FailedPrecondition) as e:
+        oci_resources(res(**kw), opts(cgroups=node))
+    assert e.value.message.startswith(f"config.linux.resources.{field}: the cpuset controller")

@@ -12,7 +12,7 @@ from moorage.container import defaults
 from moorage.container.model import SecurityProfile
 from moorage.container.spec import capabilities, host_capabilities
 from moorage.errors import FailedPrecondition, InvalidArgument
-from tests.unit.test_spec_document import ALL_CAPS, build, make_sandbox, make_spec, opts
+from tests.unit.test_spec_document import ALL_CAPS, V2_NODE, build, make_sandbox, make_spec, opts
 
 DEFAULT = [
     "CAP_CHOWN",
@@ -153,7 +153,7 @@ def test_privileged() -> None:
 
 def test_privileged_no_cgroupns_on_v2() -> None:
     sb = make_sandbox(privileged=True)
-    doc = build(spec=make_spec(sec={"privileged": True}), sandbox=sb, options=opts(cgroup_v2=True))
+    doc = build(spec=make_spec(sec={"privileged": True}), sandbox=sb, options=opts(cgroups=V2_NODE))
     assert {"type": "cgroup"} not in doc["linux"]["namespaces"]
 
 
@@ -226,7 +226,7 @@ def test_namespaces_pid_modes() -> None:
 
 
 def test_cgroup_namespace_on_v2() -> None:
-    assert {"type": "cgroup"} in ns_of(build(options=opts(cgroup_v2=True)))
+    assert {"type": "cgroup"} in ns_of(build(options=opts(cgroups=V2_NODE)))
     assert {"type": "cgroup"} not in ns_of(build())
 
 

@@ -502,9 +502,13 @@ async def test_update_pod_sandbox_resources_v1(tmp_path: Path) -> None:
     assert (tmp_path / "cg/cpu" / POD_CG.strip("/") / "cpu.shares").read_text() == "2048"
     assert (tmp_path / "cg/memory" / POD_CG.strip("/") / "memory.limit_in_bytes"
             ).read_text() == str(1 << 30)
+    # v2 settings on v1 are dropped (CRI-O); a malformed one is still refused
+    await w.svc.UpdatePodSandboxResources(pb.UpdatePodSandboxResourcesRequest(
+        pod_sandbox_id=w.pod_a.id,
+        resources=pb.LinuxContainerResources(unified={"memory.high": "1"})), w.ctx)
     bad = pb.UpdatePodSandboxResourcesRequest(
         pod_sandbox_id=w.pod_a.id,
-        resources=pb.LinuxContainerResources(unified={"memory.high": "1"}))
+        resources=pb.LinuxContainerResources(unified={"../memory.high": "1"}))
     with pytest.raises(Aborted) as e:
         await w.svc.UpdatePodSandboxResources(bad, w.ctx)
     assert e.value.code.name == "INVALID_ARGUMENT" and "unified" in e.value.message

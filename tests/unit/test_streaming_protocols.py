@@ -15,7 +15,7 @@ import pytest
 from moorage.errors import ResourceExhausted
 from moorage.streaming import ExecRequest, StreamingConfig, StreamingServer, TerminalSize
 from moorage.streaming.http import BadRequest, negotiate, read_request, response
-from moorage.streaming.portforward import parse_ports
+from moorage.streaming.portforward import parse_ports, websocket_ports
 from moorage.streaming.remotecommand import (
     ResizeDecoder,
     resize_events,
@@ -98,9 +98,19 @@ def test_tokens_single_use_expiry_capacity() -> None:
 
 def test_ports_and_negotiation() -> None:
     assert parse_ports(["80", "443,8080"]) == [80, 443, 8080]
-    for bad in ([], [""], ["0"], ["65536"], ["http"]):
+    assert parse_ports([]) == []
+    for bad in ([""], ["0"], ["65536"], ["http"]):
         with pytest.raises(ValueError):
             parse_ports(bad)
+    # The PortForward request's ports; a query narrows them, or names them where the
+    # request named none.
+    assert websocket_ports((80, 81), []) == [80, 81]
+    assert websocket_ports((80, 81), ["81"]) == [81]
+    assert websocket_ports((), ["8080,9090"]) == [8080, 9090]
+    with pytest.raises(ValueError, match="port 22 was not in the PortForward request"):
+        websocket_ports((80,), ["80,22"])
+    with pytest.raises(ValueError, match="no ports to forward"):
+        websocket_ports((), [])
     assert negotiate(["a", "b"], ["b", "a"]) == "a"
     assert negotiate(["x"], ["a"]) is None
 

@@ -26,6 +26,7 @@ from moorage.streaming import (
     StreamingServer,
 )
 from moorage.streaming.spdy import frames
+from tests.fixtures.queryproxy import query_dropping_proxy
 from tests.interop.build import build, missing
 from tests.interop.fakes import FakeBackend, RawSpdyClient, echo_server
 
@@ -421,6 +422,66 @@ async def test_ws_port_forward(server: StreamingServer) -> None:
     assert b"connection refused" in channels(got)[1]
     with pytest.raises(websockets.exceptions.InvalidStatus):
         await ws_session(server.get_port_forward(PortForwardRequest("pod")), [V4], [])
+
+
+async def ws_port_prefixes(url: str, prefixes: int = 0
+                           ) -> tuple[dict[int, bytes], list[bytes | str]]:
+    """A WebSocket port-forward as client-go's e2e client makes it (``v4.channel.k8s.io``):
+    the port prefixes the server writes first on each channel, then what follows until
+    the server closes (it does once every port's connection ended), or only the first
+    ``prefixes`` messages (the echo server answers at an EOF v4 cannot send)."""
+    async with ws_connect(ws_url(url), subprotocols=[V4]) as ws:  # type: ignore[list-item]
+        got = [await ws.recv() for _ in range(prefixes)] if prefixes else [m async for m in ws]
+    firsts: dict[int, bytes] = {}
+    for m in got:
+        assert isinstance(m, bytes)
+        firsts.setdefault(m[0], m[1:])
+    return firsts, got
+
+
+async def test_ws_port_forward_takes_the_ports_of_the_request(server: StreamingServer,
+                                                               tmp_path: Path) -> None:
+    """kubelet proxies the upgrade to the URL without the client's ``?port=``: the ports
+    are the PortForward request's (port 81: refused, reported on its error channel)."""
+    url = server.get_port_forward(PortForwardRequest("pod", (81,)))
+    host = url.split("/")[2]
+    with query_dropping_proxy(host) as proxied:
+        firsts, got = await ws_port_prefixes(url.replace(host, proxied) + "?port=81")
+    assert firsts == {0: struct.pack("<H", 81), 1: struct.pack("<H", 81)}
+    assert b"connection refused" in channels(got)[1]
+    # A query may narrow the granted ports (a direct client), never widen them.
+    url = server.get_port_forward(PortForwardRequest("pod", (80, 81)))
+    firsts, _ = await ws_port_prefixes(url + "?port=81")
+    assert firsts == {0: struct.pack("<H", 81), 1: struct.pack("<H", 81)}
+    url = server.get_port_forward(PortForwardRequest("pod", (80, 81)))
+    firsts, _ = await ws_port_prefixes(url, prefixes=4)
+    assert firsts == {0: struct.pack("<H", 80), 1: struct.pack("<H", 80),
+                      2: struct.pack("<H", 81), 3: struct.pack("<H", 81)}
+    with pytest.raises(websockets.exceptions.InvalidStatus) as e:
+        await ws_port_prefixes(server.get_port_forward(PortForwardRequest("pod", (80,)))
+                               + "?port=22")
+    assert e.value.response.status_code == 400
+    assert b"port 22 was not in the PortForward request" in e.value.response.body
+
+
+async def test_go_port_forward_tunnelled_in_a_websocket(server: StreamingServer,
+                                                        go_client: Path,
+                                                        tmp_path: Path) -> None:
+    """KEP-4006: crictl's and critest's WebSocket port-forward (client-go's
+    NewSPDYOverWebsocketDialer): SPDY inside binary messages, ports in stream headers,
+    also through a proxy that drops the query."""
+    url = server.get_port_forward(PortForwardRequest("pod"))
+    res, _ = await go(go_client, url, "-mode", "portforward", "-tunnel", "-port", "80",
+                      "-conns", "20", "-request", "ping", tmp=tmp_path)
+    assert (res["http_status"], res["protocol"]) == (101, "portforward.k8s.io"), res
+    assert [(c["head"], c["error"]) for c in res["conns"]] == [("echo:ping", "")] * 20
+    url = server.get_port_forward(PortForwardRequest("pod", (80,)))
+    host = url.split("/")[2]
+    with query_dropping_proxy(host) as proxied:
+        res, _ = await go(go_client, url.replace(host, proxied) + "?port=80", "-mode",
+                          "portforward", "-tunnel", "-port", "81", tmp=tmp_path)
+    assert res["http_status"] == 101
+    assert "error forwarding port 81 to pod pod" in res["conns"][0]["error"]
 
 
 async def test_kubernetes_client(server: StreamingServer) -> None:

@@ -24,12 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from moorage import log
+from moorage.container import cdi
 from moorage.container import spec as specgen
 from moorage.container.model import (
     Container,
     ContainerResources,
     ContainerSpec,
     ImageView,
+    ImageVolume,
     SandboxView,
     State,
 )
@@ -48,7 +50,7 @@ from moorage.sandbox.manager import SandboxManager
 from moorage.sandbox.model import Mode, Sandbox
 from moorage.sandbox.model import State as SandboxState
 from moorage.state import records
-from moorage.storage.overlay import ContainerStorage
+from moorage.storage.overlay import ContainerStorage, check_image_sub_path
 from moorage.util import codec, idmap
 from moorage.util.crash import crashpoint
 from moorage.util.fs import (
@@ -92,10 +94,12 @@ class ContainerManager:
         monitor: MonitorClient,
         runtimes: dict[str, OciRuntime],
         spec_options: specgen.SpecOptions,
+        cdi_registry: cdi.Registry,
         memory_cgroup_root: Path | None,
         log_max_line: int,
     ) -> None:
         self.log_max_line = log_max_line
+        self.cdi = cdi_registry
         self.paths = paths
         self.images = images
         self.sandboxes = sandboxes
@@ -166,7 +170,16 @@ class ContainerManager:
         return out
 
     def layers_in_use(self) -> set[str]:
-        return {d for c in self._containers.values() for d in c.image.layers}
+        """The layers of every container's image and image volumes (never collected)."""
+        used = {d for c in self._containers.values() for d in c.image.layers}
+        used.update(d for c in self._containers.values() for v in c.image_volumes
+                    for d in v.layers)
+        return used
+
+    def images_in_use(self) -> dict[str, str]:
+        """The images that image volumes of containers (in any state) mount, each with
+        one such container: RemoveImage refuses them, as CRI-O does."""
+        return {v.image_id: c.id for c in self._containers.values() for v in c.image_volumes}
 
     def state_dir(self, c: Container) -> Path:
         return self.paths.run / c.id
@@ -211,8 +224,29 @@ class ContainerManager:
         runtime = self.runtimes.get(handler)
         if runtime is None:
             return False
-        namespaces = (await runtime.features()).get("linux", {}).get("namespaces") or []
+        linux = (await runtime.features()).get("linux")
+        namespaces = (linux.get("namespaces") if isinstance(linux, dict) else None) or []
         return "user" in namespaces
+
+    async def rro_supported(self, handler: str) -> bool:
+        """Whether containers of ``handler`` can have recursive read-only mounts: the
+        kernel has ``mount_setattr`` and the handler's runtime lists ``rro`` among the
+        mount options of its ``features`` (a runtime without that command has none)."""
+        runtime = self.runtimes.get(handler)
+        if runtime is None or not idmap.mount_setattr_available():
+            return False
+        return await runtime.supports_mount_option("rro")
+
+    async def probe_runtimes(self) -> None:
+        """Ask every handler's runtime for its ``features`` again (at start and on
+        SIGHUP) and log what each handler can do."""
+        for runtime in self.runtimes.values():
+            runtime.forget_features()
+        await asyncio.gather(*(rt.features() for rt in self.runtimes.values()))
+        for name in sorted(self.runtimes):
+            _log.info("container.runtime_features", handler=name,
+                      recursive_read_only_mounts=await self.rro_supported(name),
+                      user_namespaces=await self._runtime_has_userns(name))
 
     async def create(self, sandbox_id: str, spec: ContainerSpec) -> Container:
         if not spec.name:
@@ -250,9 +284,13 @@ class ContainerManager:
                          config=image.config.container_config, layers=image.layers)
         c = Container(id=secrets.token_hex(32), sandbox_id=sb.id, spec=spec, image=view,
                       created_at=time.time_ns(), runtime_handler=sb.runtime_handler,
-                      resources=spec.resources)
+                      resources=spec.resources, image_volumes=self._image_volumes(spec))
         if spec.log_path:
             c.log_path = _log_path(sb.spec.log_directory, spec.log_path)
+        # Known from here on (as "creating"): its images' layers are in use, and the
+        # images of its image volumes cannot be removed under it.
+        self._containers[c.id] = c
+        self._by_key[key] = c.id
         task = asyncio.get_running_loop().create_task(self._build(c, key, sb))
         self._building[key] = task
         try:
@@ -264,8 +302,6 @@ class ContainerManager:
     async def _build(self, c: Container, key: str, sb: Sandbox) -> Container:
         log_ = _log.bind(container_id=c.id, name=c.spec.name, pod_sandbox_id=sb.id)
         begun = time.monotonic()
-        self._containers[c.id] = c
-        self._by_key[key] = c.id
         try:
             async with self._lock(c.id):
                 await self._save(c)
@@ -283,12 +319,30 @@ class ContainerManager:
         finally:
             self._building.pop(key, None)
 
+    def _image_volumes(self, spec: ContainerSpec) -> tuple[ImageVolume, ...]:
+        """The images of the image volumes of ``spec``: pulled already (kubelet pulls them
+        first), else NotFound naming the mount, as for the container's own image."""
+        out = []
+        for i, m in enumerate(spec.mounts):
+            if not m.image:
+                continue
+            check_image_sub_path(m.image_sub_path, f"config.mounts[{i}].image_sub_path")
+            image = self.images.find(m.image)
+            if image is None:
+                raise NotFound(
+                    f"config.mounts[{i}].image: image {m.image!r} is not present; pull it")
+            out.append(ImageVolume(index=i, image_id=image.id, layers=image.layers))
+        return tuple(out)
+
     async def _create(self, c: Container, sb: Sandbox) -> None:
         state_dir = self.state_dir(c)
         c.bundle = str(state_dir)
         view = self.sandbox_view(sb)
+        options = replace(self.spec_options,
+                          rro_supported=await self.rro_supported(c.runtime_handler))
         # Everything up to the runtime's own create is blocking file work: one thread hop.
-        await asyncio.to_thread(self._prepare, c, sb, view, self._target_pid_ns(c.spec))
+        await asyncio.to_thread(self._prepare, c, sb, view, options,
+                                self._target_pid_ns(c.spec))
         crashpoint("container.create.prepared")
         runtime = self.runtimes[c.runtime_handler]
         created = await self.monitor.create(CreateRequest(
@@ -307,7 +361,7 @@ class ContainerManager:
         self._watch(c)
 
     def _prepare(self, c: Container, sb: Sandbox, view: SandboxView,
-                 target_pid_ns: str | None) -> None:
+                 options: specgen.SpecOptions, target_pid_ns: str | None) -> None:
         """The bundle of ``c`` (in a thread): state dir, log dir, writable layer, user,
         ``config.json``; what it made is recorded on ``c`` or found by ``_destroy``."""
         state_dir = self.state_dir(c)
@@ -320,29 +374,57 @@ class ContainerManager:
             # idmapped here (runc 1.1 cannot), handed to the spec without their mappings.
             rootfs = self.storage.create(
                 c.id, layers, volumes=specgen.image_volumes(c.image), userns=mapped)
-            runtime_spec = self._idmapped_mounts(c, view, mapped, state_dir)
+            runtime_spec = self._mount_images(c, mapped)
+            runtime_spec = self._idmapped_mounts(runtime_spec, view, mapped, state_dir)
         user = specgen.resolve_user(rootfs.merged, c.spec, c.image)
-        c.user = {"uid": user.uid, "gid": user.gid, "additional_gids": list(user.additional_gids),
-                  "username": user.username}
         doc = specgen.build_spec(
             container_id=c.id, spec=runtime_spec, sandbox=view, image=c.image,
-            rootfs=rootfs.merged, user=user, options=self.spec_options,
+            rootfs=rootfs.merged, user=user, options=options,
             target_pid_ns=target_pid_ns,
         )
+        # CDI devices edit the finished spec, as CRI-O and containerd apply them last.
+        cdi.apply(doc, self.cdi.resolve(cdi.requested(c.spec.cdi_devices,
+                                                      c.spec.annotations)))
+        process_user = doc["process"]["user"]
+        c.user = {"uid": process_user["uid"], "gid": process_user["gid"],
+                  "additional_gids": sorted(process_user.get("additionalGids", [])),
+                  "username": user.username}
         c.extra["cgroups_path"] = doc.get("linux", {}).get("cgroupsPath", "")
         # Under the runroot: a reboot empties it, and a container whose record is still
         # "creating" is destroyed at the next start, so no fsync is owed.
         atomic_write(state_dir / "config.json", json.dumps(doc).encode(), 0o600,
                      durable=False)
 
-    def _idmapped_mounts(self, c: Container, view: SandboxView,
-                         mapped: MappedUserNamespace | None, state_dir: Path) -> ContainerSpec:
-        """``c.spec`` with each CRI mount that has uid/gid mappings replaced by a bind of an
-        idmapped mount made here, at ``<state_dir>/idmapped/<index>`` (unmounted by
-        :func:`_unmount_idmapped` before the state dir goes)."""
-        if not any(m.uid_mappings or m.gid_mappings for m in c.spec.mounts):
+    def _mount_images(self, c: Container, mapped: MappedUserNamespace | None
+                      ) -> ContainerSpec:
+        """``c.spec`` with each image volume mounted (a read-only overlay of its image's
+        layers below the container's storage, idmapped like the root filesystem in a pod
+        with a user namespace) and its mount pointed at it, mappings cleared (the layers
+        carry them); ``c.image_volumes`` record where. The storage's removal unmounts
+        them, found on disk, so a failure or a kill -9 half-way leaves nothing behind."""
+        if not c.image_volumes:
             return c.spec
         mounts = list(c.spec.mounts)
+        mounted = []
+        for volume in c.image_volumes:
+            m = mounts[volume.index]
+            source = self.storage.mount_image(
+                c.id, volume.index, [self.images.layer_path(d) for d in volume.layers],
+                sub_path=m.image_sub_path, userns=mapped)
+            mounted.append(replace(volume, source=str(source)))
+            mounts[volume.index] = replace(m, host_path=str(source), uid_mappings=(),
+                                           gid_mappings=())
+        c.image_volumes = tuple(mounted)
+        return replace(c.spec, mounts=tuple(mounts))
+
+    def _idmapped_mounts(self, spec: ContainerSpec, view: SandboxView,
+                         mapped: MappedUserNamespace | None, state_dir: Path) -> ContainerSpec:
+        """``spec`` with each CRI mount that has uid/gid mappings replaced by a bind of an
+        idmapped mount made here, at ``<state_dir>/idmapped/<index>`` (unmounted by
+        :func:`_unmount_idmapped` before the state dir goes)."""
+        if not any(m.uid_mappings or m.gid_mappings for m in spec.mounts):
+            return spec
+        mounts = list(spec.mounts)
         base = state_dir / IDMAPPED_DIR
         for i, m in enumerate(mounts):
             if not (m.uid_mappings or m.gid_mappings):
@@ -375,7 +457,7 @@ class ContainerManager:
                     f"{field}: cannot make an idmapped mount of {m.host_path!r}: "
                     f"{e.strerror or e}") from None
             mounts[i] = replace(m, host_path=str(target), uid_mappings=(), gid_mappings=())
-        return replace(c.spec, mounts=tuple(mounts))
+        return replace(spec, mounts=tuple(mounts))
 
     def _target_pid_ns(self, spec: ContainerSpec) -> str | None:
         if spec.security.pid_mode != int(Mode.TARGET):
@@ -647,7 +729,9 @@ class ContainerManager:
         async with self._lock(c.id):
             if c.state not in (State.CREATED, State.RUNNING):
                 raise FailedPrecondition(f"container {c.id} is {c.state.value}: cannot update")
-            doc = specgen.oci_resources(res, self.spec_options)
+            sb = self.sandboxes.find(c.sandbox_id)
+            doc = specgen.oci_resources(res, self.spec_options,
+                                        self.sandbox_view(sb) if sb is not None else None, c.id)
             await self.runtimes[c.runtime_handler].update(c.id, doc)
             c.resources = res
             c.spec = replace(c.spec, resources=res)

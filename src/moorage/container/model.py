@@ -34,6 +34,23 @@ class Mount:
     #: volumes of a pod with a user namespace): both or neither.
     uid_mappings: tuple[IdMapping, ...] = ()
     gid_mappings: tuple[IdMapping, ...] = ()
+    #: An image volume (KEP-4639): the image (as kubelet names it: its id) whose
+    #: filesystem is mounted read-only, instead of a host path; ``image_sub_path`` a path
+    #: inside it to mount instead of its root.
+    image: str = ""
+    image_sub_path: str = ""
+
+
+@dataclass(frozen=True)
+class ImageVolume:
+    """What an image volume (a CRI mount with ``image``) was resolved to at create."""
+
+    index: int  # into ContainerSpec.mounts
+    image_id: str
+    layers: tuple[str, ...]  # diff_ids, lowest first
+    #: The host path bound into the container (the read-only overlay, or the sub path
+    #: in it); empty until mounted.
+    source: str = ""
 
 
 @dataclass(frozen=True)
@@ -109,6 +126,8 @@ class ContainerSpec:
     stop_signal: str = ""  # e.g. "SIGTERM"; empty: the image's, else SIGTERM
     #: namespace_options.userns_options; None when not given (the pod's then).
     userns: UserNamespace | None = None
+    #: CDI_devices: fully qualified CDI device names (``vendor/class=name``).
+    cdi_devices: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -172,3 +191,4 @@ class Container:
     resources: ContainerResources = field(default_factory=ContainerResources)
     delivered: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
+    image_volumes: tuple[ImageVolume, ...] = ()

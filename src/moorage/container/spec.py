@@ -65,11 +65,15 @@ containerd's ``internal/cri/opts``, unless said otherwise):
     ``/sys`` replaces everything below it). ``rslave`` needs the host path's mount to be
     shared or a slave, ``rshared`` needs it shared (read from ``/proc/self/mountinfo``), and
     they set ``linux.rootfsPropagation``. ``rro`` needs ``readonly``, private propagation,
-    and a runtime that has it (``SpecOptions.rro_supported``: else FailedPrecondition
-    starting ``RROUnsupported``, the CRI error string kubelet matches). The host path must
+    and a handler that has it (``SpecOptions.rro_supported``: the kernel's
+    ``mount_setattr`` and the runtime's ``rro``); each is checked first, an InvalidArgument
+    naming ``recursive_read_only`` (CRI-O and containerd refuse the same). The host path must
     exist (kubelet creates what it mounts); symbolic links in it are resolved.
-    ``selinux_relabel`` is ignored (no SELinux support). All mounts are sorted by the depth
-    of their container path (stable), so parents come first.
+    ``selinux_relabel`` is ignored (no SELinux support). An image volume (CRI ``image``)
+    arrives mounted by the container manager (its host path set): a bind with ``ro``,
+    ``nosuid`` and ``nodev``, private, whatever propagation and ``recursive_read_only``
+    say. All mounts are sorted by the depth of their container
+    path (stable), so parents come first.
 ``linux.devices`` / ``linux.resources.devices``
     Each CRI device: type, major, minor, mode and owner from ``stat`` of the host path
     (symbolic links followed); a directory gives every device below it (CRI-O). The device
@@ -79,9 +83,12 @@ containerd's ``internal/cri/opts``, unless said otherwise):
 ``linux.resources``
     CPU shares, quota, period, cpuset; memory limit and swap in runc's v1 semantics (swap =
     memory + swap; runc converts for v2 itself), swap = limit when unset and the host
-    accounts swap (no swap use by default: containerd, CRI-O); hugepage limits; pids;
-    ``unified`` on cgroup v2 only (InvalidArgument on v1). ``process.oomScoreAdj`` always
-    set, raised to the daemon's own value when ``restrict_oom_score_adj`` (containerd).
+    accounts swap (no swap use by default: containerd, CRI-O), and none without swap
+    accounting; hugepage limits; pids; ``unified``. What the node cannot enforce is shaped
+    by :meth:`moorage.sandbox.cgroups.Layout.fit` for the pod's cgroup (hugepage limits
+    without hugetlb dropped, ``unified`` dropped on v1, ...), as for pod cgroups.
+    ``process.oomScoreAdj`` always set, raised to the daemon's own value when
+    ``restrict_oom_score_adj`` (containerd).
 ``linux.cgroupsPath``
     :func:`cgroups_path`.
 ``linux.seccomp``
@@ -149,6 +156,7 @@ __all__ = [
     "host_capabilities",
     "host_devices",
     "image_volumes",
+    "mount_depth",
     "oci_resources",
     "process_args",
     "resolve_user",
@@ -164,7 +172,6 @@ _SC = "config.linux.security_context"
 _log = log.get("moorage.container.spec")
 _RES = "config.linux.resources"
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
-_PAGE_SIZE_RE = re.compile(r"[0-9]+[KMGTP]?B")
 _PERMISSIONS_RE = re.compile(r"(?!.*(.).*\1)[rwm]{1,3}")
 
 
@@ -176,7 +183,8 @@ class SpecOptions:
     """
 
     cgroup_driver: Literal["cgroupfs", "systemd"] = "cgroupfs"
-    cgroup_v2: bool = False
+    #: The node's cgroups and what they can enforce (probed at start and on SIGHUP).
+    cgroups: cgroups.Layout | None = None
     #: containerd's option: raise a lower oom_score_adj to the daemon's own.
     restrict_oom_score_adj: bool = False
     #: The runtime and kernel support recursive read-only mounts (the ``rro`` option).
@@ -186,8 +194,6 @@ class SpecOptions:
     #: ``/proc/sys/kernel/cap_last_cap``) that the daemon itself holds (its ``CapEff``):
     #: runc cannot give more than it has ("unable to apply caps").
     all_capabilities: tuple[str, ...] | None = None
-    #: The kernel accounts swap (v1 ``memory.memsw.*``, v2 ``memory.swap.max``).
-    swap_accounting: bool | None = None
     #: AppArmor is enabled on the host (``/sys/module/apparmor/parameters/enabled``).
     apparmor_enabled: bool | None = None
     #: The loaded AppArmor profiles (None: read ``/sys/kernel/security/apparmor/profiles``).
@@ -232,38 +238,12 @@ def host_capabilities() -> tuple[str, ...]:
 
 
 @functools.cache
-def _host_swap_v1() -> bool:
-    try:
-        layout = cgroups.Layout.detect()
-    except (OSError, FailedPrecondition):
-        return False
-    memory = layout.v1_controllers.get("memory")
-    return memory is not None and (memory / "memory.memsw.limit_in_bytes").exists()
+def _host_layout() -> cgroups.Layout:
+    return cgroups.Layout.detect()
 
 
-@functools.cache
-def _host_swap_v2_any() -> bool:
-    root = Path("/sys/fs/cgroup")
-    try:
-        for child in sorted(root.iterdir()):
-            if (child / "memory.max").exists():
-                return (child / "memory.swap.max").exists()
-    except OSError:
-        pass
-    return False
-
-
-def _host_swap(options: SpecOptions, sandbox: SandboxView | None) -> bool:
-    if options.swap_accounting is not None:
-        return options.swap_accounting
-    if not options.cgroup_v2:
-        return _host_swap_v1()
-    # v2: memory.swap.max exists in non-root cgroups when swap is accounted; the pod's
-    # cgroup is one, else any child of the root with the memory controller.
-    pod = sandbox.cgroup_parent.strip("/") if sandbox else ""
-    if pod and (Path("/sys/fs/cgroup") / pod / "memory.max").exists():
-        return (Path("/sys/fs/cgroup") / pod / "memory.swap.max").exists()
-    return _host_swap_v2_any()
+def _layout(options: SpecOptions) -> cgroups.Layout:
+    return options.cgroups if options.cgroups is not None else _host_layout()
 
 
 def _daemon_oom_score_adj(options: SpecOptions) -> int:
@@ -561,7 +541,7 @@ def _namespaces(
         if path:
             out.append({"type": kind, "path": path})
     out.append({"type": "mount"})
-    if options.cgroup_v2 and not sc.privileged:
+    if _layout(options).version == 2 and not sc.privileged:
         out.append({"type": "cgroup"})
     return out
 
@@ -642,11 +622,22 @@ def _cri_mounts(
                 f"{field}.uidMappings: idmapped mount of {m.host_path!r} was not prepared"
             )
         dest = _clean_container_path(m.container_path, f"{field}.container_path")
+        if m.image:
+            # An image volume, mounted by the container manager: read-only, private,
+            # whatever propagation says (as CRI-O's and containerd's).
+            if not m.host_path:
+                raise FailedPrecondition(f"{field}.image: image volume {m.image!r} was not "
+                                         "mounted")
+            out.append({"destination": dest, "type": "bind", "source": m.host_path,
+                        "options": ["rbind", "rprivate", "ro", "nosuid", "nodev"]})
+            continue
         if not m.host_path or "\0" in m.host_path:
             raise InvalidArgument(f"{field}.host_path: {m.host_path!r} is not a path")
         if not os.path.exists(m.host_path):
             raise InvalidArgument(f"{field}.host_path: {m.host_path!r} does not exist")
         src = os.path.realpath(m.host_path)
+        if m.recursive_read_only:
+            _check_rro(m, field, options)
         opts = ["rbind"]
         if m.propagation == "private":
             opts.append("rprivate")
@@ -662,26 +653,33 @@ def _cri_mounts(
         else:
             raise InvalidArgument(f"{field}.propagation: unknown value {m.propagation!r}")
         if m.recursive_read_only:
-            if not m.readonly:
-                raise InvalidArgument(
-                    f"{field}.recursive_read_only: needs readonly (a recursive read-only "
-                    f"mount conflicts with a read-write one; host_path {m.host_path!r})"
-                )
-            if m.propagation != "private":
-                raise InvalidArgument(
-                    f"{field}.recursive_read_only: needs private propagation, got "
-                    f"{m.propagation} (host_path {m.host_path!r})"
-                )
-            if not options.rro_supported:
-                raise FailedPrecondition(
-                    f"RROUnsupported: {field}: recursive read-only mounts are not supported "
-                    f"by the runtime (host_path {m.host_path!r})"
-                )
             opts.append("rro")
         else:
             opts.append("ro" if m.readonly else "rw")
         out.append({"destination": dest, "type": "bind", "source": src, "options": opts})
     return out, root_propagation
+
+
+def _check_rro(m: Mount, field: str, options: SpecOptions) -> None:
+    """A recursive read-only mount is read-only, private, and needs the kernel and the
+    runtime to have it (the CRI's rules, CRI-O's and containerd's answers)."""
+    if not m.readonly:
+        raise InvalidArgument(
+            f"{field}.recursive_read_only: needs readonly (a recursive read-only mount "
+            f"conflicts with a read-write one; host_path {m.host_path!r})"
+        )
+    if m.propagation != "private":
+        raise InvalidArgument(
+            f"{field}.recursive_read_only: needs private propagation, got {m.propagation} "
+            f"(host_path {m.host_path!r})"
+        )
+    if not options.rro_supported:
+        raise InvalidArgument(
+            f"{field}.recursive_read_only: recursive read-only mounts are not supported by "
+            "this runtime handler (they need a kernel with mount_setattr, Linux 5.12, and an "
+            f"OCI runtime whose features list the rro mount option; host_path "
+            f"{m.host_path!r})"
+        )
 
 
 def _pod_mounts(sandbox: SandboxView, readonly_rootfs: bool) -> list[dict[str, Any]]:
@@ -710,7 +708,8 @@ def _pod_mounts(sandbox: SandboxView, readonly_rootfs: bool) -> list[dict[str, A
     return out
 
 
-def _depth(destination: str) -> int:
+def mount_depth(destination: str) -> int:
+    """How deep a mount's destination is (parents sort first)."""
     return len([p for p in destination.split("/") if p])
 
 
@@ -729,7 +728,7 @@ def _mounts(
         if any(dest.startswith(p + "/") for p in ("/dev", "/sys") if p in cri_paths):
             continue
         kept.append(m)
-    return sorted(kept + cri, key=lambda m: _depth(m["destination"])), root_propagation
+    return sorted(kept + cri, key=lambda m: mount_depth(m["destination"])), root_propagation
 
 
 # -- devices --------------------------------------------------------------------------------------
@@ -836,20 +835,29 @@ def _cri_devices(devices: tuple[Device, ...]) -> tuple[list[dict[str, Any]], lis
 
 
 def oci_resources(
-    res: ContainerResources, options: SpecOptions, sandbox: SandboxView | None = None
+    res: ContainerResources, options: SpecOptions, sandbox: SandboxView | None = None,
+    container_id: str = "",
 ) -> dict[str, Any]:
     """``linux.resources`` without the device rules: CPU, memory, pids, hugepages, unified.
 
-    Also the document of ``runc update --resources`` (UpdateContainerResources).
-    ``sandbox`` only helps find out whether the host accounts swap on cgroup v2.
+    Also the document of ``runc update --resources`` (UpdateContainerResources). Shaped
+    to what the node can enforce below the pod's cgroup (``sandbox``; without it, the
+    node's root).
     """
-    c = res.cgroup
+    if res.cgroup.cpu_shares < 0:
+        raise InvalidArgument(f"{_RES}.cpu_shares: {res.cgroup.cpu_shares} is negative")
+    if res.cgroup.cpu_period < 0:
+        raise InvalidArgument(f"{_RES}.cpu_period: {res.cgroup.cpu_period} is negative")
+    if res.cgroup.memory_limit < -1:
+        raise InvalidArgument(
+            f"{_RES}.memory_limit_in_bytes: invalid value {res.cgroup.memory_limit}")
+    cgroups.check_resources(res.cgroup, _RES)
+    layout = _layout(options)
+    pod = sandbox.cgroup_parent if sandbox else ""
+    ids = {"container_id": container_id} if container_id else {}
+    c = layout.fit(res.cgroup, pod, _RES, **ids)
     out: dict[str, Any] = {}
     cpu: dict[str, Any] = {}
-    if c.cpu_shares < 0:
-        raise InvalidArgument(f"{_RES}.cpu_shares: {c.cpu_shares} is negative")
-    if c.cpu_period < 0:
-        raise InvalidArgument(f"{_RES}.cpu_period: {c.cpu_period} is negative")
     if c.cpu_shares:
         cpu["shares"] = c.cpu_shares
     if c.cpu_quota:
@@ -862,42 +870,20 @@ def oci_resources(
         cpu["mems"] = c.cpuset_mems
     if cpu:
         out["cpu"] = cpu
-
-    if c.memory_limit < -1:
-        raise InvalidArgument(f"{_RES}.memory_limit_in_bytes: invalid value {c.memory_limit}")
-    try:
-        cgroups.memory_swap_v2(c.memory_swap_limit, c.memory_limit)
-    except InvalidArgument as e:
-        raise InvalidArgument(f"config.{e.message}") from None
     memory: dict[str, Any] = {}
     if c.memory_limit:
         memory["limit"] = c.memory_limit
     swap = c.memory_swap_limit or c.memory_limit
-    if swap and _host_swap(options, sandbox):
+    if swap and layout.swap(pod):
         memory["swap"] = swap
     if memory:
         out["memory"] = memory
-
     if c.pids_limit:
         out["pids"] = {"limit": c.pids_limit}
-    hugepages = []
-    for size, limit in c.hugepage_limits.items():
-        if not _PAGE_SIZE_RE.fullmatch(size):
-            raise InvalidArgument(f"{_RES}.hugepage_limits: page size {size!r} is not like '2MB'")
-        if limit < 0:
-            raise InvalidArgument(f"{_RES}.hugepage_limits: limit {limit} for {size} is negative")
-        hugepages.append({"pageSize": size, "limit": limit})
-    if hugepages:
-        out["hugepageLimits"] = hugepages
+    if c.hugepage_limits:
+        out["hugepageLimits"] = [{"pageSize": size, "limit": limit}
+                                 for size, limit in c.hugepage_limits.items()]
     if c.unified:
-        if not options.cgroup_v2:
-            raise InvalidArgument(
-                f"{_RES}.unified: cgroup v2 settings, but this host has cgroup v1 "
-                f"({', '.join(sorted(c.unified))})"
-            )
-        for key in c.unified:
-            if not key or "/" in key or key.startswith(".") or "\0" in key:
-                raise InvalidArgument(f"{_RES}.unified: {key!r} is not a cgroup file name")
         out["unified"] = dict(c.unified)
     return out
 
@@ -985,7 +971,7 @@ def build_spec(
 
     mounts, root_propagation = _mounts(spec, sandbox, options)
     devices, rules = _cri_devices(spec.devices)
-    resources = oci_resources(spec.resources, options, sandbox)
+    resources = oci_resources(spec.resources, options, sandbox, container_id)
     if sc.privileged:
         by_path = {d["path"]: d for d in host_devices(options.host_dev)}
         by_path.update({d["path"]: d for d in devices})

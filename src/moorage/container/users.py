@@ -29,16 +29,15 @@ Everything here blocks (file reads): call it off the event loop.
 
 from __future__ import annotations
 
-import errno
 import os
 import stat
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from moorage.container.model import ContainerSpec, ImageView
 from moorage.errors import InvalidArgument
+from moorage.util.fs import open_in_root
 
 __all__ = [
     "GroupEntry",
@@ -52,8 +51,6 @@ __all__ = [
 
 #: Largest uid/gid (2^32 - 2: -1 as a u32 means "unchanged" to the kernel).
 MAX_ID = 2**32 - 2
-#: Symbolic links followed while resolving one path (the kernel's limit).
-MAX_SYMLINKS = 40
 #: Largest /etc/passwd or /etc/group read.
 MAX_FILE_SIZE = 32 * 1024 * 1024
 
@@ -174,76 +171,42 @@ def read_in_root(root: Path, path: str, limit: int = MAX_FILE_SIZE) -> bytes | N
 
 
 def _read_in_root(root: Path, path: str, limit: int) -> bytes | None:
-    flags_path = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
-    root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    # ``chain`` holds the open directories from the root down to the current one; each is
-    # closed when it is left or at the end.
-    chain: list[int] = [root_fd]
-    parts: deque[str] = deque(p for p in path.split("/") if p not in ("", "."))
-    hops = 0
     try:
-        while parts:
-            name = parts.popleft()
-            if name == "..":
-                if len(chain) > 1:
-                    os.close(chain.pop())
-                continue
-            current = chain[-1]
-            try:
-                fd = os.open(name, flags_path, dir_fd=current)
-            except (FileNotFoundError, NotADirectoryError):
-                return None
-            except OSError as e:
-                raise _Unreadable(e.strerror or str(e)) from None
-            st = os.fstat(fd)
-            if stat.S_ISLNK(st.st_mode):
-                os.close(fd)
-                hops += 1
-                if hops > MAX_SYMLINKS:
-                    raise _Unreadable(os.strerror(errno.ELOOP))
-                target = os.readlink(name, dir_fd=current)
-                if target.startswith("/"):
-                    while len(chain) > 1:
-                        os.close(chain.pop())
-                parts.extendleft(reversed([p for p in target.split("/") if p not in ("", ".")]))
-                continue
-            if parts:
-                if not stat.S_ISDIR(st.st_mode):
-                    os.close(fd)
-                    return None  # a file where a directory should be: not there
-                chain.append(fd)
-                continue
-            # The last component: a regular file, opened for reading from its directory
-            # (no symlink any more) and checked to be the same inode.
-            os.close(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise _Unreadable("not a regular file")
-            if st.st_size > limit:
-                raise _Unreadable(f"larger than {limit} bytes")
-            rfd = os.open(
-                name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=current
-            )
-            try:
-                again = os.fstat(rfd)
-                if (again.st_dev, again.st_ino) != (st.st_dev, st.st_ino):
-                    raise _Unreadable("changed while being read")
-                chunks: list[bytes] = []
-                size = 0
-                while True:
-                    chunk = os.read(rfd, 65536)
-                    if not chunk:
-                        break
-                    size += len(chunk)
-                    if size > limit:
-                        raise _Unreadable(f"larger than {limit} bytes")
-                    chunks.append(chunk)
-                return b"".join(chunks)
-            finally:
-                os.close(rfd)
-        raise _Unreadable("is the root directory")
+        found = open_in_root(root, path)
+    except OSError as e:
+        raise _Unreadable(e.strerror or str(e)) from None
+    if found is None:
+        return None
+    fd, resolved = found
+    try:
+        if not resolved:
+            raise _Unreadable("is the root directory")
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _Unreadable("not a regular file")
+        if st.st_size > limit:
+            raise _Unreadable(f"larger than {limit} bytes")
+        # Reopened through the O_PATH descriptor: the very file that was resolved.
+        try:
+            rfd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            raise _Unreadable(e.strerror or str(e)) from None
     finally:
-        for fd in chain:
-            os.close(fd)
+        os.close(fd)
+    try:
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            chunk = os.read(rfd, 65536)
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > limit:
+                raise _Unreadable(f"larger than {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(rfd)
 
 
 # -- resolution ---------------------------------------------------------------------------------

@@ -9,6 +9,8 @@
   resumes an earlier attempt is unpacked afterwards, helpers bounded by the CPU count.
 - A pull runs as its own task: a caller that goes away (kubelet cancels the RPC) does not
   cut it short, and the image appears only when every layer is in place.
+- The signature policy (:mod:`moorage.image.policy`) is checked once the manifests are
+  known and before the config or any layer is fetched: a refused image leaves nothing.
 """
 
 from __future__ import annotations
@@ -31,10 +33,12 @@ from moorage.errors import (
     MoorageError,
     NotFound,
     ResourceExhausted,
+    SignatureValidationFailed,
     Unavailable,
 )
 from moorage.image import manifest as mf
-from moorage.image import registries
+from moorage.image import policy as pol
+from moorage.image import registries, sigstore
 from moorage.image.credentials import Credentials
 from moorage.image.reference import Reference
 from moorage.image.registry import RegistryClient, check_digest
@@ -90,6 +94,7 @@ class _Resolved:
     source: registries.PullSource
     wanted: Reference  # the name the user asked for (fully qualified)
     top_digest: str
+    digest: str  # of the manifest that runs (top_digest unless it came from an index)
     manifest: mf.ImageManifest
     blobs: dict[str, bytes]  # manifest and index documents by digest
 
@@ -103,10 +108,13 @@ class Puller:
         max_concurrent_downloads: int,
         max_manifest_size: int,
         max_layer_size: int,
+        policies: pol.PolicyFiles,
         max_layer_entries: int = 0,
     ) -> None:
         self.store = store
         self.client = client
+        #: The signature policy files (replaced on SIGHUP).
+        self.policies = policies
         self._downloads = asyncio.Semaphore(max_concurrent_downloads)
         self._unpacks = asyncio.Semaphore(max(1, os.cpu_count() or 1))
         self._max_manifest = max_manifest_size
@@ -120,18 +128,25 @@ class Puller:
     def in_flight(self) -> int:
         return len(self._pulls)
 
-    async def pull(self, ref_text: str, creds: Credentials | None) -> Image:
+    async def pull(self, ref_text: str, creds: Credentials | None, namespace: str = "") -> Image:
+        """Pull ``ref_text``; ``namespace`` (the pod's, when kubelet says) may select a
+        per-namespace signature policy."""
         candidates = registries.candidates(self.store.registries_conf, ref_text)
         who = "" if creds is None else hashlib.sha256(repr(creds.__dict__).encode()).hexdigest()
-        key = f"{candidates[0]}|{who}"
-        return await self._pulls.run(key, lambda: self._pull(ref_text, candidates, creds))
+        policies = self.policies
+        policy_path = await asyncio.to_thread(policies.path_for, namespace)
+        key = f"{candidates[0]}|{who}|{policy_path}"
+        return await self._pulls.run(
+            key, lambda: self._pull(ref_text, candidates, creds, policies, policy_path))
 
     async def _pull(
-        self, ref_text: str, candidates: list[Reference], creds: Credentials | None
+        self, ref_text: str, candidates: list[Reference], creds: Credentials | None,
+        policies: pol.PolicyFiles, policy_path: Path,
     ) -> Image:
         try:
+            policy = await asyncio.to_thread(policies.load, policy_path)
             image, downloaded, fetched, present = await self._pull_once(
-                ref_text, candidates, creds)
+                ref_text, candidates, creds, policy)
         except MoorageError as e:
             metrics.record_image_pull_failure(e.code)
             raise
@@ -140,11 +155,12 @@ class Puller:
         return image
 
     async def _pull_once(
-        self, ref_text: str, candidates: list[Reference], creds: Credentials | None
+        self, ref_text: str, candidates: list[Reference], creds: Credentials | None,
+        policy: pol.Policy,
     ) -> tuple[Image, int, int, int]:
         """The pull; also returns the bytes downloaded (compressed config and layers) and
         how many layers were downloaded or already present."""
-        resolved = await self._resolve(ref_text, candidates, creds)
+        resolved = await self._resolve(ref_text, candidates, creds, policy)
         source, desc = resolved.source, resolved.manifest.config
         log_ = _log.bind(image=str(resolved.wanted), source=source.endpoint.location)
         check_digest(desc.digest, f"image {resolved.wanted} config")
@@ -217,17 +233,33 @@ class Puller:
                 )
 
     async def _resolve(
-        self, ref_text: str, candidates: list[Reference], creds: Credentials | None
+        self, ref_text: str, candidates: list[Reference], creds: Credentials | None,
+        policy: pol.Policy,
     ) -> _Resolved:
+        """The first candidate and source that has the image, once the signature policy
+        accepts it. A refused image is not looked for at the candidate's other sources
+        (its mirrors), but the next candidate (search registry) is tried, as in CRI-O."""
         errors: list[MoorageError] = []
         for wanted in candidates:
             for source in registries.pull_sources(self.store.registries_conf, wanted):
                 try:
-                    return await self._resolve_at(source, wanted, creds)
+                    resolved = await self._resolve_at(source, wanted, creds)
                 except (NotFound, Unavailable) as e:
                     _log.info("image.source_failed", image=str(wanted),
                               source=source.endpoint.location, error=e.message)
                     errors.append(e)
+                    continue
+                try:
+                    await self._check_policy(policy, resolved, creds)
+                except SignatureValidationFailed as e:
+                    _log.warning("image.policy_refused", image=str(wanted),
+                                 source=source.endpoint.location, error=e.message)
+                    errors.append(e)
+                    break
+                return resolved
+        refused = [e for e in errors if isinstance(e, SignatureValidationFailed)]
+        if refused:
+            raise refused[0]
         if len(errors) == 1:
             raise errors[0]
         first = next((e for e in errors if not isinstance(e, NotFound)), errors[-1])
@@ -257,7 +289,61 @@ class Puller:
             blobs[current.digest] = current.data
         if media_type not in mf.MANIFEST_TYPES:
             raise InvalidArgument(f"{what}: unsupported manifest type {media_type!r}")
-        return _Resolved(source, wanted, top.digest, mf.parse_manifest(current.data, what), blobs)
+        return _Resolved(source, wanted, top.digest, current.digest,
+                         mf.parse_manifest(current.data, what), blobs)
+
+    async def _check_policy(
+        self, policy: pol.Policy, resolved: _Resolved, creds: Credentials | None
+    ) -> None:
+        """SignatureValidationFailed unless ``policy`` accepts the resolved image. The
+        scope and the identity are the name asked for; signatures are read from the
+        source that served the manifests (a mirror, maybe), as containers/image does."""
+        digests = (resolved.digest,) if resolved.digest == resolved.top_digest else (
+            resolved.digest, resolved.top_digest)
+        image = pol.PulledImage(pol.identity_of(resolved.wanted), digests)
+
+        async def signatures() -> list[sigstore.Signature]:
+            out: list[sigstore.Signature] = []
+            for digest in digests:
+                out += await self._attachments(resolved.source, digest, creds)
+            return out
+
+        await pol.enforce(policy, image, signatures)
+
+    async def _attachments(
+        self, source: registries.PullSource, digest: str, creds: Credentials | None
+    ) -> list[sigstore.Signature]:
+        """The sigstore attachments of ``digest`` (cosign's ``sha256-<hex>.sig`` tag in
+        the same repository); none when that tag does not exist. Non-signature layers
+        are listed without their content."""
+        tag = sigstore.attachment_tag(digest)
+        path = source.reference.path
+        where = f"{source.reference.name}:{tag}"
+        try:
+            found = await self.client.get_manifest(source.endpoint, path, tag, creds)
+        except NotFound:
+            return []
+        try:
+            layers = sigstore.attachment_layers(found.data, where)
+        except sigstore.SignatureError as e:
+            raise SignatureValidationFailed(f"signature attachment {e}") from None
+        out = []
+        total = 0
+        for i, layer in enumerate(layers):
+            origin = f"{where} layer {i}"
+            payload = b""
+            if layer.media_type == sigstore.SIGNATURE_MEDIA_TYPE:
+                check_digest(layer.digest, origin)
+                total += layer.size
+                if total > sigstore.MAX_PAYLOAD_SIZE:
+                    raise SignatureValidationFailed(
+                        f"{origin}: the signature payloads of {where} add up to more than "
+                        f"{sigstore.MAX_PAYLOAD_SIZE} bytes")
+                payload = await self.client.get_blob_bytes(
+                    source.endpoint, path, layer.digest, creds, layer.size)
+            out.append(sigstore.Signature(layer.media_type, payload, layer.annotations,
+                                          origin))
+        return out
 
     async def _layer(
         self,

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from moorage import log
-from moorage.errors import InvalidArgument
+from moorage.errors import FailedPrecondition, InvalidArgument
 from moorage.image import reference as refs
 from moorage.image import registries
 from moorage.image.manifest import ImageConfig, parse_config
@@ -58,7 +58,6 @@ class Image:
     layers: tuple[str, ...]  # diff_ids, lowest first
     config: ImageConfig
     blobs: list[str] = field(default_factory=list)  # manifest/index digests kept for it
-    pinned: bool = False
     pulled_at: float = 0.0
 
     def record(self) -> dict[str, Any]:
@@ -69,7 +68,6 @@ class Image:
             "size": self.size,
             "layers": list(self.layers),
             "blobs": self.blobs,
-            "pinned": self.pinned,
             "pulled_at": self.pulled_at,
         }
 
@@ -98,6 +96,11 @@ class ImageStore:
         self.holds: dict[str, int] = {}
         #: diff_ids that containers use (set by the daemon): never collected either.
         self.layers_in_use: Callable[[], set[str]] = set
+        #: Whether an image is pinned (``image.pinned_images``, set by the daemon).
+        self.pinned: Callable[[Image], bool] = _never
+        #: Image ids that containers' image volumes mount, each with a container id (set
+        #: by the daemon): RemoveImage refuses to remove them.
+        self.images_in_use: Callable[[], dict[str, str]] = dict
 
     # -- start-up ------------------------------------------------------------------------
 
@@ -145,7 +148,6 @@ class ImageStore:
             layers=layers,
             config=config,
             blobs=list(rec.get("blobs", [])),
-            pinned=bool(rec.get("pinned", False)),
             pulled_at=float(rec.get("pulled_at", 0.0)),
         )
 
@@ -257,7 +259,9 @@ class ImageStore:
 
     async def remove(self, name: str) -> Image | None:
         """RemoveImage: by id the image and all its names; by tag only that tag, and the
-        image once no tag or digest reference is left. Idempotent: unknown is None."""
+        image once no tag or digest reference is left. Idempotent: unknown is None.
+        FailedPrecondition, changing nothing, when that would remove an image that an
+        image volume of a container mounts (CRI-O's rule)."""
         async with self.lock:
             image = self.find(name)
             if image is None:
@@ -266,23 +270,30 @@ class ImageStore:
             by_id = _HEX.match(bare) is not None and _hex(image.id).startswith(bare) and not (
                 any(str(r) in image.repo_tags for r in self._references(name))
             )
+            tags, digests = list(image.repo_tags), list(image.repo_digests)
             if not by_id:
                 for ref in self._references(name):
                     text = str(ref)
-                    if text in image.repo_tags:
-                        image.repo_tags.remove(text)
-                    if text in image.repo_digests:
-                        image.repo_digests.remove(text)
+                    if text in tags:
+                        tags.remove(text)
+                    if text in digests:
+                        digests.remove(text)
                     # A tag takes the digest reference it was pulled under along when no
                     # other tag of that repository is left, so `crictl rmi name:tag`
                     # removes an image pulled by tag.
                     if ref.tag is not None and ref.digest is None and not any(
-                        t.startswith(ref.name + ":") for t in image.repo_tags
+                        t.startswith(ref.name + ":") for t in tags
                     ):
-                        image.repo_digests = [
-                            d for d in image.repo_digests if not d.startswith(ref.name + "@")
-                        ]
-            if by_id or not (image.repo_tags or image.repo_digests):
+                        digests = [d for d in digests if not d.startswith(ref.name + "@")]
+            gone = by_id or not (tags or digests)
+            user = self.images_in_use().get(image.id) if gone else None
+            if user is not None:
+                raise FailedPrecondition(
+                    f"image {image.id} is in use by an image volume of container {user}; "
+                    "remove the container first"
+                )
+            image.repo_tags, image.repo_digests = tags, digests
+            if gone:
                 del self._images[image.id]
                 await asyncio.to_thread(
                     lambda: (self.records / f"{_hex(image.id)}.json").unlink(missing_ok=True)
@@ -335,6 +346,10 @@ class ImageStore:
             used += b
             inodes += n
         return FsUsage(str(self.root), used, inodes, time.time_ns())
+
+
+def _never(image: Image) -> bool:
+    return False
 
 
 def _dir_usage(directory: Path) -> tuple[int, int]:

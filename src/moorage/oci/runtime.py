@@ -312,10 +312,16 @@ class OciRuntime:
         return self._version
 
     async def features(self) -> dict[str, Any]:
-        """``<runtime> features`` (runc >= 1.1, crun >= 1.5): {} when unsupported.  Cached."""
+        """``<runtime> features`` (runc >= 1.1, crun >= 1.5): {} when the runtime has no
+        such command, prints no JSON object, or cannot be run at all.  Cached until
+        :meth:`forget_features`."""
         if self._features is None:
-            code, out, _err = await self._run("features")
             result: dict[str, Any] = {}
+            try:
+                code, out, _err = await self._run("features")
+            except (OciRuntimeError, DeadlineExceeded) as e:
+                _log.warning("oci.features_failed", handler=self.name, error=e.message)
+                code, out = 1, b""
             if code == 0:
                 with contextlib.suppress(ValueError):
                     parsed = json.loads(out)
@@ -323,6 +329,12 @@ class OciRuntime:
                         result = parsed
             self._features = result
         return self._features
+
+    def forget_features(self) -> None:
+        """Drop what ``features`` and ``version`` learnt: the next call asks the binary
+        again (SIGHUP: the runtime may have been upgraded)."""
+        self._features = None
+        self._version = None
 
     async def supports_mount_option(self, option: str) -> bool:
         """Whether ``features()`` lists ``option`` (e.g. "rro") in mountOptions."""
@@ -603,9 +615,12 @@ def _factory(sink: _CappedSink) -> Callable[[], _CappedSink]:
 
 
 async def _kill_group_and_wait(proc: Process) -> None:
-    if proc.returncode is None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
+    """SIGKILL the command's whole process group, then reap the command. The group is
+    killed even when the command itself already exited: a child it left behind (one still
+    holding its stdout, which is why the command did not finish) is in that group. The
+    group's id cannot belong to anyone else while one of its members lives."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
     await proc.wait()
 
 

@@ -20,12 +20,23 @@ systemd (a transient unit over D-Bus), which is out of scope: the daemon refuses
 driver at start when PID 1 is not systemd, and on a systemd host kubelet creates the pod
 slices itself before RunPodSandbox.
 
+What the node can enforce is probed with the hierarchies (:meth:`Layout.detect`, at daemon
+start and on SIGHUP): the page sizes of ``/sys/kernel/mm/hugepages``, swap accounting, and
+on v2 the root's controllers. :meth:`Layout.fit` then shapes a request to the node, for pod
+cgroups and containers alike, as CRI-O and containerd do: what kubelet sends by default but
+the node cannot enforce (hugepage limits without a hugetlb controller or of a page size the
+node lacks, swap without swap accounting, ``unified`` on cgroup v1) is dropped with one debug
+line; a limit that needs a controller the pod cgroup lacks (cpuset without cpuset
+delegation, a ``unified`` key of a controller not enabled) is a FailedPrecondition naming
+the field, before anything is created (runc would refuse it anyway, less clearly).
+
 Everything here blocks: call it off the event loop.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import itertools
 import os
@@ -38,17 +49,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from moorage import log
 from moorage.errors import FailedPrecondition, InvalidArgument
 
 __all__ = [
     "DEFAULT_CGROUPFS_PARENT",
     "DEFAULT_SYSTEMD_PARENT",
+    "HUGEPAGES_DIR",
     "V1_CONTROLLERS",
     "V2_CONTROLLERS",
     "Layout",
     "PodCgroup",
     "Resources",
+    "check_resources",
     "cpu_weight",
+    "hugepage_sizes",
     "memory_swap_v2",
     "pod_cgroup_path",
     "systemd_slice_path",
@@ -84,6 +99,10 @@ V1_CONTROLLERS = frozenset(
 )
 #: The v2 controllers a pod cgroup's ancestors enable for it, in this order.
 V2_CONTROLLERS = ("cpuset", "cpu", "io", "memory", "hugetlb", "pids")
+#: One directory per huge page size the kernel has (``hugepages-2048kB``...).
+HUGEPAGES_DIR = Path("/sys/kernel/mm/hugepages")
+
+_log = log.get("moorage.sandbox.cgroups")
 
 
 @dataclass(frozen=True)
@@ -124,21 +143,137 @@ class Layout:
     ``v1_controllers`` maps each v1 controller name (and ``name=<x>`` of named hierarchies)
     to its mountpoint; co-mounted controllers share one. ``unified`` is the cgroup2
     mountpoint: ``root`` on v2, ``<root>/unified`` on a hybrid host, None on pure v1.
+
+    What the node can enforce (probed by :meth:`detect`): ``hugepage_sizes``, the CRI names
+    (``2MB``, ``1GB``) of the huge page sizes the kernel has; ``swap_accounting``, whether
+    the memory controller accounts swap (v1 ``memory.memsw.*``, v2 ``memory.swap.max``);
+    ``v2_controllers``, the controllers of the v2 root (``cgroup.controllers``).
     """
 
     root: Path
     version: int
     v1_controllers: Mapping[str, Path] = field(default_factory=dict)
     unified: Path | None = None
+    hugepage_sizes: frozenset[str] = frozenset()
+    swap_accounting: bool = False
+    v2_controllers: frozenset[str] = frozenset()
 
     @classmethod
     def detect(
         cls,
         root: Path = Path("/sys/fs/cgroup"),
         mountinfo: Path = Path("/proc/self/mountinfo"),
+        hugepages: Path = HUGEPAGES_DIR,
+        own_cgroup: Path = Path("/proc/self/cgroup"),
     ) -> Layout:
-        """Read ``mountinfo`` and keep the cgroup mounts at or below ``root``."""
-        return cls.from_mountinfo(mountinfo.read_text(), root)
+        """Read ``mountinfo`` and keep the cgroup mounts at or below ``root``; probe what
+        they can enforce (huge page sizes from ``hugepages``, swap accounting, on v2 from
+        the cgroup of this process as ``own_cgroup`` names it, as containerd and kubelet
+        look)."""
+        layout = cls.from_mountinfo(mountinfo.read_text(), root)
+        v2: frozenset[str] = frozenset()
+        if layout.version == 2:
+            assert layout.unified is not None
+            v2 = frozenset(_read(layout.unified / "cgroup.controllers").split())
+        return dataclasses.replace(
+            layout, hugepage_sizes=hugepage_sizes(hugepages),
+            swap_accounting=layout._probe_swap(own_cgroup), v2_controllers=v2)
+
+    def _probe_swap(self, own_cgroup: Path) -> bool:
+        if self.version == 1:
+            memory = self.v1_controllers.get("memory")
+            return memory is not None and (memory / "memory.memsw.limit_in_bytes").exists()
+        assert self.unified is not None
+        # memory.swap.max exists in every non-root cgroup with the memory controller when
+        # swap is accounted: this process's own, else any child of the root that has one.
+        own = ""
+        for line in _read(own_cgroup).splitlines():
+            if line.startswith("0::"):
+                own = line[3:].strip("/")
+        candidates = [self.unified / own] if own else []
+        with contextlib.suppress(OSError):
+            candidates += sorted(p for p in self.unified.iterdir() if p.is_dir())
+        for d in candidates:
+            if (d / "memory.max").exists():
+                return (d / "memory.swap.max").exists()
+        return False
+
+    def describe(self) -> dict[str, object]:
+        """What the node can enforce, for a log line."""
+        return {"version": self.version, "controllers": sorted(self.controllers("")),
+                "hugepage_sizes": sorted(self.hugepage_sizes, key=_page_bytes),
+                "swap_accounting": self.swap_accounting}
+
+    def controllers(self, path: str) -> frozenset[str]:
+        """The controllers a cgroup at ``path`` (relative to the roots, such as a pod
+        cgroup) and those below it can use: on v1 the mounted ones; on v2 those its parent
+        enabled for it (its ``cgroup.controllers``), or the root's while it does not exist."""
+        if self.version == 1:
+            return frozenset(c for c in self.v1_controllers if not c.startswith("name="))
+        assert self.unified is not None
+        rel = path.strip("/")
+        if rel:
+            text = _read(self.unified / rel / "cgroup.controllers", missing="\0")
+            if text != "\0":
+                return frozenset(text.split())
+        return self.v2_controllers
+
+    def swap(self, path: str) -> bool:
+        """Swap is accounted for the cgroup at ``path`` (v2: its own ``memory.swap.max``
+        where it has the memory controller; else the node's)."""
+        if self.version == 2 and path.strip("/"):
+            assert self.unified is not None
+            d = self.unified / path.strip("/")
+            if (d / "memory.max").exists():
+                return (d / "memory.swap.max").exists()
+        return self.swap_accounting
+
+    def fit(self, res: Resources, path: str, field_: str = "linux.resources",
+            **ids: str) -> Resources:
+        """``res`` as this node can enforce it in the cgroup at ``path`` or below it (the
+        module docstring says what is dropped and what refused). One debug line lists what
+        was dropped; ``ids`` go into it. FailedPrecondition names the field of a limit that
+        needs a controller ``path`` lacks."""
+        available = self.controllers(path)
+
+        def need(controller: str, what: str) -> None:
+            if controller not in available:
+                raise FailedPrecondition(
+                    f"{field_}.{what}: the {controller} controller is not available to cgroup "
+                    f"{path or '/'} on this node (not mounted, or not enabled by its parent)")
+
+        if res.cpu_shares or res.cpu_quota or res.cpu_period:
+            need("cpu", "cpu_shares")
+        if res.memory_limit or res.memory_swap_limit:
+            need("memory", "memory_limit_in_bytes")
+        if res.cpuset_cpus or res.cpuset_mems:
+            need("cpuset", "cpuset_cpus" if res.cpuset_cpus else "cpuset_mems")
+        if res.pids_limit:
+            need("pids", "pids_limit")
+        dropped: list[str] = []
+        hugepages = dict(res.hugepage_limits)
+        if hugepages and "hugetlb" not in available:
+            dropped.append(f"hugepage_limits {sorted(hugepages)}: no hugetlb controller")
+            hugepages = {}
+        unknown = sorted(size for size in hugepages if size not in self.hugepage_sizes)
+        if unknown:
+            dropped.append(f"hugepage_limits {unknown}: page sizes this node does not have")
+            hugepages = {k: v for k, v in hugepages.items() if k not in unknown}
+        unified = dict(res.unified)
+        if unified and self.version == 1:
+            dropped.append(f"unified {sorted(unified)}: cgroup v1")
+            unified = {}
+        for key, value in list(unified.items()):
+            controller = key.partition(".")[0]
+            if key == "memory.swap.max" and value.strip() in ("0", "max") and not (
+                    "memory" in available and self.swap(path)):
+                dropped.append(f"unified {key}={value}: no swap accounting")
+                del unified[key]
+            elif controller != "cgroup":
+                need(controller, f"unified[{key!r}]")
+        if dropped:
+            _log.debug("cgroup.resources_dropped", cgroup=path or "/", dropped=dropped, **ids)
+        return dataclasses.replace(res, hugepage_limits=hugepages, unified=unified)
 
     @classmethod
     def from_mountinfo(cls, text: str, root: Path = Path("/sys/fs/cgroup")) -> Layout:
@@ -312,6 +447,53 @@ def memory_swap_v2(swap_limit: int, memory_limit: int) -> int:
 
 
 _PAGE_SIZE_RE = re.compile(r"[0-9]+[KMGTP]?B")
+_UNITS = ("KB", "MB", "GB", "TB", "PB")
+
+
+def hugepage_sizes(directory: Path = HUGEPAGES_DIR) -> frozenset[str]:
+    """The huge page sizes the kernel has, named as kubelet and runc name them: each
+    ``hugepages-<n>kB`` entry of ``directory`` in the largest binary unit that divides it
+    (``hugepages-2048kB`` -> ``2MB``, ``hugepages-1048576kB`` -> ``1GB``, ``64kB`` -> ``64KB``).
+    None where the directory is missing (no huge pages in this kernel)."""
+    out = set()
+    with contextlib.suppress(OSError):
+        for entry in os.listdir(directory):
+            m = re.fullmatch(r"hugepages-([0-9]+)kB", entry)
+            if not m:
+                continue
+            size, unit = int(m.group(1)), 0
+            while size >= 1024 and size % 1024 == 0 and unit < len(_UNITS) - 1:
+                size //= 1024
+                unit += 1
+            out.add(f"{size}{_UNITS[unit]}")
+    return frozenset(out)
+
+
+def _page_bytes(size: str) -> int:
+    m = re.fullmatch(r"([0-9]+)([KMGTP]?)B", size)
+    if not m:
+        return 0
+    return int(m.group(1)) << (10 * ("KMGTP".index(m.group(2)) + 1) if m.group(2) else 0)
+
+
+def check_resources(res: Resources, field_: str) -> None:
+    """InvalidArgument, naming the field under ``field_``, for what no node accepts: a
+    page size not like ``2MB``, a negative hugepage limit, a ``unified`` key that is not a
+    cgroup file name (``<controller>.<name>``), swap rules broken (:func:`memory_swap_v2`)."""
+    for size, limit in res.hugepage_limits.items():
+        if not _PAGE_SIZE_RE.fullmatch(size):
+            raise InvalidArgument(f"{field_}.hugepage_limits: page size {size!r} is not like '2MB'")
+        if limit < 0:
+            raise InvalidArgument(f"{field_}.hugepage_limits: limit {limit} for {size} is negative")
+    for key in res.unified:
+        if (not key or "/" in key or key.startswith(".") or "\0" in key
+                or "." not in key.strip(".")):
+            raise InvalidArgument(f"{field_}.unified: {key!r} is not a cgroup file name "
+                                  "(<controller>.<name>)")
+    try:
+        memory_swap_v2(res.memory_swap_limit, res.memory_limit)  # the same rules on v1
+    except InvalidArgument as e:
+        raise InvalidArgument(e.message.replace("linux.resources", field_, 1)) from None
 
 
 def _max(value: int) -> str:
@@ -423,27 +605,16 @@ class PodCgroup:
     # -- limits ---------------------------------------------------------------------------
 
     def apply(self, res: Resources) -> None:
-        """Write the limits of ``res`` (what is set) into the pod cgroup.
+        """Write the limits of ``res`` (what is set) into the pod cgroup, as
+        :meth:`Layout.fit` shapes them to the node.
 
         A write the kernel refuses raises FailedPrecondition naming the file and the value.
         """
-        for size in res.hugepage_limits:
-            if not _PAGE_SIZE_RE.fullmatch(size):
-                raise InvalidArgument(
-                    f"linux.resources.hugepage_limits: page size {size!r} is not like '2MB'"
-                )
-        for key in res.unified:
-            if not key or "/" in key or key.startswith(".") or "\0" in key:
-                raise InvalidArgument(f"linux.resources.unified: {key!r} is not a cgroup file name")
-        memory_swap_v2(res.memory_swap_limit, res.memory_limit)  # the same rules on v1
+        check_resources(res, "linux.resources")
+        res = self.layout.fit(res, self.path)
         if self.layout.version == 2:
             self._apply_v2(res)
         else:
-            if res.unified:
-                raise InvalidArgument(
-                    "linux.resources.unified: cgroup v2 settings, but this host has cgroup v1 "
-                    f"({', '.join(sorted(res.unified))})"
-                )
             self._apply_v1(res)
 
     def _v1_dir(self, controller: str, value: object) -> Path:

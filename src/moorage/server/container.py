@@ -92,12 +92,27 @@ def spec_from_proto(c: pb.ContainerConfig) -> ContainerSpec:
             raise InvalidArgument(f"config.mounts[{i}].container_path is required")
         if m.propagation not in _PROPAGATION:
             raise InvalidArgument(f"config.mounts[{i}].propagation: unknown value")
+        image = m.image.image.strip() if m.HasField("image") else ""
+        if image and m.host_path:
+            raise InvalidArgument(
+                f"config.mounts[{i}]: both host_path ({m.host_path!r}) and image "
+                f"({image!r}) are set; an image volume has no host path")
+        if m.image_sub_path and not image:
+            raise InvalidArgument(
+                f"config.mounts[{i}].image_sub_path: set without config.mounts[{i}].image")
+        if image and not m.readonly:
+            # The CRI: image mounts are read-only by definition (kubelet sends true);
+            # critest expects a runtime to refuse a read-write one.
+            raise InvalidArgument(
+                f"config.mounts[{i}].readonly: an image volume ({image!r}) is read-only; "
+                "readonly must be true")
         mounts.append(Mount(container_path=m.container_path, host_path=m.host_path,
                             readonly=m.readonly, propagation=_PROPAGATION[m.propagation],
                             recursive_read_only=m.recursive_read_only,
                             selinux_relabel=m.selinux_relabel,
                             uid_mappings=ids_from_proto(m.uidMappings),
-                            gid_mappings=ids_from_proto(m.gidMappings)))
+                            gid_mappings=ids_from_proto(m.gidMappings),
+                            image=image, image_sub_path=m.image_sub_path))
     security = SecurityContext(
         privileged=sec.privileged,
         run_as_user=sec.run_as_user.value if sec.HasField("run_as_user") else None,
@@ -132,6 +147,7 @@ def spec_from_proto(c: pb.ContainerConfig) -> ContainerSpec:
         stop_signal=_signal_name(c.stop_signal),
         userns=userns_from_proto(
             ns, "config.linux.security_context.namespace_options.userns_options"),
+        cdi_devices=tuple(d.name for d in c.CDI_devices),
     )
 
 
@@ -161,14 +177,31 @@ def _list_response(items: list[pb.Container]) -> pb.ListContainersResponse:
 
 
 def _mounts(c: Container) -> list[pb.Mount]:
+    """The CRI mounts as asked; an image volume as CRI-O reports one: the host path
+    mounted into the container, read-only, private, and the image by its id (kubelet's
+    image garbage collection reads it to keep the image), also as ``image_ref``
+    (KEP-5365)."""
     reverse = {v: k for k, v in _PROPAGATION.items()}
-    return [pb.Mount(container_path=m.container_path, host_path=m.host_path,
-                     readonly=m.readonly, propagation=reverse[m.propagation],  # type: ignore[arg-type]
-                     recursive_read_only=m.recursive_read_only,
-                     selinux_relabel=m.selinux_relabel,
-                     uidMappings=ids_to_proto(m.uid_mappings),
-                     gidMappings=ids_to_proto(m.gid_mappings))
-            for m in c.spec.mounts]
+    volumes = {v.index: v for v in c.image_volumes}
+    out = []
+    for i, m in enumerate(c.spec.mounts):
+        mount = pb.Mount(container_path=m.container_path, host_path=m.host_path,
+                         readonly=m.readonly,
+                         propagation=reverse[m.propagation],  # type: ignore[arg-type]
+                         recursive_read_only=m.recursive_read_only,
+                         selinux_relabel=m.selinux_relabel,
+                         uidMappings=ids_to_proto(m.uid_mappings),
+                         gidMappings=ids_to_proto(m.gid_mappings))
+        volume = volumes.get(i)
+        if volume is not None:
+            mount.host_path = volume.source
+            mount.readonly = True
+            mount.propagation = pb.PROPAGATION_PRIVATE
+            mount.image.image = volume.image_id
+            mount.image.image_ref = volume.image_id  # KEP-5365: as the container's image_ref
+            mount.image_sub_path = m.image_sub_path
+        out.append(mount)
+    return out
 
 
 def _resources(res: ContainerResources) -> pb.ContainerResources:

@@ -36,7 +36,7 @@ def image_user(user: str) -> tuple[int | None, str]:
     return None, name
 
 
-def to_proto(image: Image) -> pb.Image:
+def to_proto(image: Image, pinned: bool) -> pb.Image:
     uid, username = image_user(image.config.user)
     msg = pb.Image(
         id=image.id,
@@ -45,7 +45,7 @@ def to_proto(image: Image) -> pb.Image:
         size=image.size,
         username=username,
         spec=pb.ImageSpec(image=image.id),
-        pinned=image.pinned,
+        pinned=pinned,
     )
     if uid is not None:
         msg.uid.CopyFrom(pb.Int64Value(value=uid))
@@ -72,8 +72,11 @@ class ImageService(pb_grpc.ImageServiceServicer):
         wanted = request.filter.image.image.strip() if request.HasField("filter") else ""
         if wanted:
             image = self.store.find(wanted)
-            return [to_proto(image)] if image is not None else []
-        return [to_proto(i) for i in self.store.images()]
+            return [self._proto(image)] if image is not None else []
+        return [self._proto(i) for i in self.store.images()]
+
+    def _proto(self, image: Image) -> pb.Image:
+        return to_proto(image, self.store.pinned(image))
 
     @unary
     async def ListImages(self, request: pb.ListImagesRequest, context: Ctx
@@ -104,7 +107,7 @@ class ImageService(pb_grpc.ImageServiceServicer):
                 "pulledAt": image.pulled_at,
                 "imageSpec": image.config.raw,
             })
-        return pb.ImageStatusResponse(image=to_proto(image), info=info)
+        return pb.ImageStatusResponse(image=self._proto(image), info=info)
 
     @unary
     async def PullImage(self, request: pb.PullImageRequest, context: Ctx
@@ -113,7 +116,10 @@ class ImageService(pb_grpc.ImageServiceServicer):
         auth = request.auth
         creds = from_auth_config(auth.username, auth.password, auth.auth, auth.server_address,
                                  auth.identity_token, auth.registry_token)
-        image = await self.puller.pull(name, creds)
+        # The pod's namespace may select a per-namespace signature policy (kubelet sends
+        # the sandbox config; crictl pull does not).
+        namespace = request.sandbox_config.metadata.namespace
+        image = await self.puller.pull(name, creds, namespace)
         return pb.PullImageResponse(image_ref=image.id)
 
     @unary

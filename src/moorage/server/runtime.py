@@ -70,15 +70,21 @@ class RuntimeService(StatsRpcs, SandboxRpcs, ContainerRpcs, StreamingRpcs,
         if request.verbose:
             info = {key: json.dumps(value) for key, value in self.info().items()}
         # The default handler is listed under the empty name too, as kubelet looks it up so.
-        # user_namespaces: the node (kernel, idmapped overlays, probed once at start) and
-        # the handler's runtime (its cached ``features``) can run pods with one.
+        # Each feature is what was probed, never assumed: user_namespaces, the node
+        # (kernel, idmapped overlays, probed once at start) and the handler's runtime;
+        # recursive_read_only_mounts, the kernel's mount_setattr and the runtime's "rro"
+        # (the runtimes' ``features``, asked at start and on SIGHUP).
         default = self.sandboxes.default_handler
         handlers = [
             pb.RuntimeHandler(name=name, features=pb.RuntimeHandlerFeatures(
+                recursive_read_only_mounts=await self.containers.rro_supported(name or default),
                 user_namespaces=await self.sandboxes.userns_supported(name or default)))
             for name in ["", *self.handlers]]
+        # supplemental_groups_policy: Strict is applied and ContainerStatus reports the
+        # process's user (uid, gid, supplementary groups).
         return pb.StatusResponse(status=pb.RuntimeStatus(conditions=conditions), info=info,
-                                 runtime_handlers=handlers)
+                                 runtime_handlers=handlers,
+                                 features=pb.RuntimeFeatures(supplemental_groups_policy=True))
 
     @unary
     async def UpdateRuntimeConfig(self, request: pb.UpdateRuntimeConfigRequest, context: Ctx

@@ -5,10 +5,13 @@ Layout under ``root`` (``<moorage root>/overlay``)::
 
     l/<26 chars>                  short symlink -> an unpacked layer directory
     empty/                        the only lower dir of an image without layers
+    empty-lower/                  the second one of an image volume without layers
     containers/<id>/upper/        the container's writable layer
     containers/<id>/work/         overlayfs's work dir (same filesystem as upper)
     containers/<id>/merged/       the mount point: the container's root filesystem
     containers/<id>/lower.json    the layer dirs, lowest first (to mount again after a reboot)
+    containers/<id>/image-mounts/<i>/   the image of the container's CRI mount i (an image
+                                  volume): a read-only overlay of its layers, no upper
     trash/<id>/                   a removed container's directory, deleted in the background
 
 **Mount data fits one page.** ``mount(2)`` takes the overlay options as one string of at most
@@ -49,7 +52,7 @@ import os
 import re
 import stat
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,15 +64,26 @@ from moorage.errors import (
     InvalidArgument,
     NotFound,
 )
-from moorage.util.fs import atomic_write, discard_tree, empty_trash, remove_tree, tree_usage
+from moorage.util.fs import (
+    atomic_write,
+    discard_tree,
+    empty_trash,
+    open_in_root,
+    remove_tree,
+    tree_usage,
+)
 from moorage.util.idmap import MappedUserNamespace, clone_idmapped, detach
 
 _log = log.get("moorage.storage")
 
 _CLONE_FS = 0x00000200
 _MNT_DETACH = 0x2
+# MS_RDONLY | MS_NOSUID | MS_NODEV: an image volume is read-only; its programs may run
+# (critest checks that they do, as in CRI-O's and containerd's image volumes).
+_IMAGE_MOUNT_FLAGS = 0x1 | 0x2 | 0x4
+#: Below a container's directory: where its image volumes are mounted, one per CRI mount.
+IMAGE_MOUNTS = "image-mounts"
 _LINK_LEN = 26
-_MAX_SYMLINKS = 40
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -103,6 +117,7 @@ class ContainerStorage:
         self.root = root
         self.links = root / "l"
         self.empty = root / "empty"
+        self.empty_lower = root / "empty-lower"  # the second of an image volume without layers
         self.containers = root / "containers"
         self.trash = root / "trash"
         self._lock = threading.Lock()
@@ -157,7 +172,8 @@ class ContainerStorage:
                 )
         self._prepare_root()
         # Checked before anything is made: the longest data this container can need.
-        self._mount_data(container_id, [link_name(p) for p in lowers] or [link_name(self.empty)])
+        self._mount_data([f"l/{link_name(p)}" for p in lowers or [self.empty]],
+                         f"containers/{container_id}", index_off=True)
         try:
             d.mkdir(mode=0o711)
         except FileExistsError:
@@ -224,25 +240,43 @@ class ContainerStorage:
         return fs
 
     def _mount_data(
-        self,
-        container_id: str,
-        names: Sequence[str],
-        index_off: bool = True,
-        lower_paths: Sequence[str] | None = None,
+        self, lower: Sequence[str], upper: str | None, index_off: bool = False
     ) -> str:
-        """The overlay's mount data: lower dirs by short link name (``names``), or by the
-        paths given (``lower_paths``: idmapped layers as ``/proc/self/fd/N``)."""
-        rel = f"containers/{container_id}"
-        lower = ":".join(lower_paths if lower_paths is not None else (f"l/{n}" for n in names))
-        data = f"lowerdir={lower},upperdir={rel}/upper,workdir={rel}/work"
+        """Overlay mount data: ``lower`` entries top first (``l/<name>`` short links, or
+        idmapped layers as ``/proc/self/fd/N``), with ``<upper>/upper`` and
+        ``<upper>/work`` when given (no upper: a read-only overlay)."""
+        data = f"lowerdir={':'.join(lower)}"
+        if upper is not None:
+            data += f",upperdir={upper}/upper,workdir={upper}/work"
         if index_off:
             data += ",index=off"
         if len(data) + 1 > os.sysconf("SC_PAGE_SIZE"):
             raise InvalidArgument(
-                f"image has too many layers for one overlay mount ({len(names)} layers; "
+                f"image has too many layers for one overlay mount ({len(lower)} layers; "
                 f"the mount options must fit {os.sysconf('SC_PAGE_SIZE')} bytes)"
             )
         return data
+
+    @contextlib.contextmanager
+    def _lower_entries(
+        self, lowers: Sequence[Path], userns: MappedUserNamespace | None
+    ) -> Iterator[list[str]]:
+        """The mount data entries of ``lowers`` (lowest first), top first: short links;
+        with a user namespace, each layer idmapped and held by an fd for the mount
+        (overlayfs keeps its own reference)."""
+        if userns is None:
+            with self._lock:
+                names = [self._ensure_link(p) for p in lowers]
+            yield [f"l/{n}" for n in reversed(names)]
+            return
+        fds: list[int] = []
+        try:
+            for p in reversed(lowers):
+                fds.append(_clone_layer(p, userns.fd))
+            yield [f"/proc/self/fd/{fd}" for fd in fds]
+        finally:
+            for fd in fds:
+                os.close(fd)
 
     def _mount(
         self,
@@ -250,47 +284,109 @@ class ContainerStorage:
         lowers: Sequence[Path],
         userns: MappedUserNamespace | None = None,
     ) -> None:
-        if userns is not None:
-            # Each layer idmapped, held by an fd for the mount (overlayfs keeps its own).
-            fds: list[int] = []
-            try:
-                for p in reversed(lowers or [self.empty]):  # the top layer first
-                    fds.append(_clone_layer(p, userns.fd))
-                paths = [f"/proc/self/fd/{fd}" for fd in fds]
-                self._mount_lowers(container_id, [], paths)
-            finally:
-                for fd in fds:
-                    os.close(fd)
-            return
-        with self._lock:
-            if lowers:
-                names = [self._ensure_link(p) for p in lowers]
-            else:
-                names = [self._ensure_link(self.empty)]
-        names.reverse()  # overlayfs wants the top layer first
-        self._mount_lowers(container_id, names, None)
-
-    def _mount_lowers(
-        self, container_id: str, names: Sequence[str], lower_paths: Sequence[str] | None
-    ) -> None:
         target = str(self.rootfs(container_id).merged)
-        attempts = [True, False] if self._index_off is not False else [False]
-        for index_off in attempts:
-            data = self._mount_data(container_id, names, index_off, lower_paths)
-            err = _mount_in(self.root, target, data)
-            if err == 0:
-                if index_off:
-                    self._index_off = True
-                return
-            if err == errno.EINVAL and index_off and self._index_off is None:
-                # Old kernels do not know "index=off"; they have no index either.
-                continue
-            raise Internal(
-                f"mounting the overlay of container {container_id} failed: "
-                f"{os.strerror(err)} (mount data {len(data)} bytes, {len(names)} lower dirs)"
-            )
+        upper = f"containers/{container_id}"
+        with self._lower_entries(lowers or [self.empty], userns) as lower:
+            attempts = [True, False] if self._index_off is not False else [False]
+            for index_off in attempts:
+                data = self._mount_data(lower, upper, index_off)
+                err = _mount_in(self.root, target, data)
+                if err == 0:
+                    if index_off:
+                        self._index_off = True
+                    return
+                if err == errno.EINVAL and index_off and self._index_off is None:
+                    # Old kernels do not know "index=off"; they have no index either.
+                    continue
+                raise Internal(
+                    f"mounting the overlay of container {container_id} failed: "
+                    f"{os.strerror(err)} (mount data {len(data)} bytes, {len(lower)} lower dirs)"
+                )
         if self._index_off is None:
             self._index_off = False
+
+    # ------------------------------------------------------------------ image volumes
+
+    def image_mount(self, container_id: str, index: int) -> Path:
+        """Where the image of the container's CRI mount ``index`` is mounted."""
+        return self._dir(container_id) / IMAGE_MOUNTS / str(index)
+
+    def mount_image(
+        self,
+        container_id: str,
+        index: int,
+        layers: Sequence[Path],
+        *,
+        sub_path: str = "",
+        userns: MappedUserNamespace | None = None,
+    ) -> Path:
+        """Mount an image's layers as a read-only overlay (``ro,nosuid,nodev``, no upper
+        layer) at :meth:`image_mount`, for an image volume (KEP-4639); returns the
+        host path to bind into the container: the mount point, or ``sub_path`` in it.
+
+        ``sub_path`` is looked up inside the image, its symbolic links resolved as if the
+        image were the root (:func:`~moorage.util.fs.open_in_root`), so it cannot lead
+        out of it; the path returned holds no symbolic link. It must be relative, without
+        ``..``, and name a directory or a regular file of the image: else InvalidArgument
+        naming ``config.mounts[index].image_sub_path``. The container's storage must
+        exist (:meth:`create`); :meth:`unmount` and :meth:`remove` detach these mounts.
+        ``userns``: the image's layers are idmapped into the pod's user namespace, as the
+        root filesystem's.
+        """
+        field = f"config.mounts[{index}].image_sub_path"
+        parts = check_image_sub_path(sub_path, field)
+        lowers = [Path(os.path.abspath(p)) for p in layers]
+        for p in lowers:
+            if not p.is_dir():
+                raise FailedPrecondition(
+                    f"layer directory {p} of the image of config.mounts[{index}] is missing"
+                )
+        # Overlayfs needs two lower layers when there is no upper one: the image's, then
+        # an empty directory (two for an image without layers).
+        lowers += [self.empty] if lowers else [self.empty, self.empty_lower]
+        target = self.image_mount(container_id, index)
+        self._prepare_root()
+        self.empty_lower.mkdir(mode=0o700, exist_ok=True)
+        if not self._dir(container_id).is_dir():
+            raise FailedPrecondition(f"container {container_id} has no storage")
+        target.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with self._lower_entries(lowers, userns) as lower:
+            data = self._mount_data(lower, None)
+            err = _mount_in(self.root, str(target), data, _IMAGE_MOUNT_FLAGS)
+        if err:
+            raise Internal(
+                f"mounting the image of config.mounts[{index}] for container {container_id} "
+                f"failed: {os.strerror(err)} ({len(lower)} lower dirs)"
+            )
+        if not parts:
+            return target
+        try:
+            found = open_in_root(target, "/".join(parts))
+        except OSError as e:
+            raise InvalidArgument(f"{field}: {sub_path!r}: {e.strerror or e}") from None
+        if found is None:
+            raise InvalidArgument(f"{field}: {sub_path!r} does not exist in the image")
+        fd, resolved = found
+        try:
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
+            raise InvalidArgument(
+                f"{field}: {sub_path!r} is neither a directory nor a regular file in the image"
+            )
+        return target / resolved if resolved else target
+
+    def _unmount_images(self, container_id: str) -> None:
+        """Detach every image volume of the container (they are found on disk: a daemon
+        killed half-way through a create leaves no other trace of them)."""
+        base = self._dir(container_id) / IMAGE_MOUNTS
+        try:
+            names = os.listdir(base)
+        except FileNotFoundError:
+            return
+        for name in names:
+            _unmount_all(base / name, f"image volume {name} of container {container_id}")
 
     def _ensure_link(self, layer: Path) -> str:
         name = link_name(layer)
@@ -335,21 +431,14 @@ class ContainerStorage:
         return target in _mount_points()
 
     def unmount(self, container_id: str) -> None:
-        """Detach the overlay (MNT_DETACH) and anything stacked on it; not mounted is fine.
+        """Detach the overlay and the image volumes (MNT_DETACH) and anything stacked on
+        them; not mounted is fine.
 
-        Returns only once the kernel says the mount point holds no mount (EINVAL), so the
+        Returns only once the kernel says each mount point holds no mount (EINVAL), so the
         directory is safe to delete; no scan of the mount table (it is long on a busy node).
         """
-        merged = os.fsencode(self.rootfs(container_id).merged)
-        for _ in range(16):  # stacked mounts come off one at a time
-            if _libc.umount2(merged, _MNT_DETACH) != 0:
-                err = ctypes.get_errno()
-                if err in (errno.EINVAL, errno.ENOENT):
-                    return  # not (or no longer) a mount point
-                raise Internal(
-                    f"unmounting the rootfs of container {container_id} failed: {os.strerror(err)}"
-                )
-        raise Internal(f"the rootfs of container {container_id} stays mounted")
+        self._unmount_images(container_id)
+        _unmount_all(self.rootfs(container_id).merged, f"the rootfs of container {container_id}")
 
     def remove(self, container_id: str, *, later: bool = False) -> None:
         """Unmount and delete the container's upper, work and mount point; idempotent.
@@ -450,7 +539,31 @@ def idmap_problem(directory: Path, userns: MappedUserNamespace) -> str | None:
             remove_tree(scratch)
 
 
-def _mount_in(cwd: Path, target: str, data: str) -> int:
+def _unmount_all(path: Path, what: str) -> None:
+    """Detach what is mounted at ``path`` (stacked mounts come off one at a time); raise
+    Internal naming ``what`` if that fails or a mount stays."""
+    target = os.fsencode(path)
+    for _ in range(16):
+        if _libc.umount2(target, _MNT_DETACH) != 0:
+            err = ctypes.get_errno()
+            if err in (errno.EINVAL, errno.ENOENT):
+                return  # not (or no longer) a mount point
+            raise Internal(f"unmounting {what} failed: {os.strerror(err)}")
+    raise Internal(f"{what} stays mounted")
+
+
+def check_image_sub_path(sub_path: str, field: str) -> list[str]:
+    """The components of an image volume's sub path: relative, no ``..`` (Kubernetes'
+    own rule for ``subPath``), no NUL; InvalidArgument naming ``field`` otherwise."""
+    if "\0" in sub_path or sub_path.startswith("/"):
+        raise InvalidArgument(f"{field}: {sub_path!r} is not a relative path")
+    parts = [p for p in sub_path.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise InvalidArgument(f"{field}: {sub_path!r} must not contain '..'")
+    return parts
+
+
+def _mount_in(cwd: Path, target: str, data: str, flags: int = 0) -> int:
     """mount -t overlay with ``data`` relative to ``cwd``; returns an errno (0 = done).
 
     Runs in its own thread with a private working directory (``unshare(CLONE_FS)``), so no
@@ -464,7 +577,7 @@ def _mount_in(cwd: Path, target: str, data: str) -> int:
                 result.append(ctypes.get_errno())
                 return
             os.chdir(cwd)
-            rc = _libc.mount(b"overlay", os.fsencode(target), b"overlay", 0, data.encode())
+            rc = _libc.mount(b"overlay", os.fsencode(target), b"overlay", flags, data.encode())
             result.append(0 if rc == 0 else ctypes.get_errno())
         except OSError as e:
             result.append(e.errno or errno.EIO)
@@ -491,55 +604,36 @@ def _mount_points() -> set[str]:
 def _make_dir_in_root(
     root: Path, path: str, mode: int = 0o755, owner: tuple[int, int] | None = None
 ) -> None:
-    """``mkdir -p root/path`` where symlinks resolve with ``root`` as ``/``; the directories
-    it makes are chowned to ``owner`` when given.
-
-    Every step is an ``openat`` relative to the directory resolved so far, with
-    ``O_NOFOLLOW``; a symlink is read and its target walked again from ``root`` (absolute)
-    or from the current directory (relative), and ``..`` never climbs above ``root``.
+    """``mkdir -p root/path`` where symlinks resolve with ``root`` as ``/``
+    (:func:`~moorage.util.fs.open_in_root`: ``..`` never climbs above ``root``); the
+    directories it makes get ``mode`` (not narrowed by the umask) and ``owner`` when given.
     """
-    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    stack = [root_fd]
-    parts = [p for p in path.split("/") if p not in ("", ".")]
-    links = 0
-    try:
-        while parts:
-            name = parts.pop(0)
-            if name == "..":
-                if len(stack) > 1:
-                    os.close(stack.pop())
-                continue
-            cur = stack[-1]
-            created = False
-            try:
-                st = os.stat(name, dir_fd=cur, follow_symlinks=False)
-            except FileNotFoundError:
-                with contextlib.suppress(FileExistsError):
-                    os.mkdir(name, mode, dir_fd=cur)
-                    created = True
-                st = os.stat(name, dir_fd=cur, follow_symlinks=False)
-            if stat.S_ISLNK(st.st_mode):
-                links += 1
-                if links > _MAX_SYMLINKS:
-                    raise InvalidArgument(f"image volume {path!r}: too many symlinks")
-                target = os.readlink(name, dir_fd=cur)
-                if target.startswith("/"):
-                    while len(stack) > 1:
-                        os.close(stack.pop())
-                parts = [p for p in target.split("/") if p not in ("", ".")] + parts
-                continue
-            if not stat.S_ISDIR(st.st_mode):
-                raise InvalidArgument(
-                    f"image volume {path!r}: {name!r} exists and is not a directory"
-                )
-            fd = os.open(
-                name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=cur
-            )
-            stack.append(fd)
-            if created:
-                os.fchmod(fd, mode)  # not narrowed by the daemon's umask
-                if owner is not None:
-                    os.fchown(fd, *owner)
-    finally:
-        for fd in stack:
+
+    def make(dir_fd: int, name: str) -> None:
+        try:
+            os.mkdir(name, mode, dir_fd=dir_fd)
+        except FileExistsError:
+            return
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     dir_fd=dir_fd)
+        try:
+            os.fchmod(fd, mode)
+            if owner is not None:
+                os.fchown(fd, *owner)
+        finally:
             os.close(fd)
+
+    try:
+        found = open_in_root(root, path, make)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise InvalidArgument(f"image volume {path!r}: too many symlinks") from None
+        raise
+    if found is not None:
+        fd, _ = found
+        try:
+            if stat.S_ISDIR(os.fstat(fd).st_mode):
+                return
+        finally:
+            os.close(fd)
+    raise InvalidArgument(f"image volume {path!r}: a part of it exists and is not a directory")

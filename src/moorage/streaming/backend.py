@@ -18,7 +18,7 @@ from moorage.container.model import Container, State
 from moorage.errors import MoorageError
 from moorage.sandbox.model import State as SandboxState
 from moorage.streaming.api import AttachRequest, BackendError, ExecRequest, Stdio
-from moorage.streaming.attach import run_attach
+from moorage.streaming.attach import ends_on_stdin_eof, run_attach
 from moorage.streaming.dial import dial
 from moorage.streaming.process import run_exec
 
@@ -67,7 +67,9 @@ class ContainerBackend:
         def resize(width: int, height: int) -> Awaitable[None]:
             return self.containers.monitor.resize(state_dir, width, height)
 
-        await run_attach(state_dir, stdio, resize if c.spec.tty else None)
+        await run_attach(state_dir, stdio, resize if c.spec.tty else None,
+                         end_on_stdin_eof=ends_on_stdin_eof(c.spec.stdin, c.spec.stdin_once,
+                                                            c.spec.tty))
 
     async def dial(self, sandbox_id: str, port: int) -> socket.socket:
         sandboxes = self.containers.sandboxes

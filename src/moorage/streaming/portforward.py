@@ -8,9 +8,16 @@ is not complete ``creation_timeout`` after its first stream is dropped. Many pai
 once on one connection, which lasts until the client closes it.
 
 WebSocket (``v4.channel.k8s.io``, ``v4.base64.channel.k8s.io``, ``portforward.k8s.io``
-or none; ports in the ``?port=`` query): channel ``2i`` carries port ``i``'s data both
-ways and ``2i+1`` its errors; the server first writes the port number (two bytes, little
+or none): the ports are those of the PortForward request that made the URL (kubelet
+proxies the upgrade without the client's query, as the reference server takes them from
+the CRI request too); a ``?port=`` query may narrow them, or name them when the request
+named none (:func:`websocket_ports`). Channel ``2i`` carries port ``i``'s data both ways
+and ``2i+1`` its errors; the server first writes the port number (two bytes, little
 endian) on both. One TCP connection per port; the WebSocket ends when they all have.
+
+SPDY over WebSocket (KEP-4006, ``SPDY/3.1+portforward.k8s.io``: what client-go's
+``NewSPDYOverWebsocketDialer`` speaks, so crictl's and critest's WebSocket port-forward):
+the SPDY protocol above, its bytes in binary WebSocket messages (:func:`serve_tunnel`).
 """
 
 from __future__ import annotations
@@ -26,17 +33,21 @@ from moorage import log
 from moorage.streaming.api import Backend, BackendError, Reader, Writer
 from moorage.streaming.spdy.connection import SpdyConnection, SpdyStream
 from moorage.streaming.websocket import WsConnection
+from moorage.util.tasks import cancel_and_wait
 
 _log = log.get("moorage.streaming")
 
 PROTOCOL = "portforward.k8s.io"
+#: KEP-4006: SPDY tunnelled through a WebSocket, the subprotocol client-go offers.
+TUNNEL = "SPDY/3.1+" + PROTOCOL
 SPDY_PROTOCOLS = [PROTOCOL]
-WEBSOCKET_PROTOCOLS = ["v4.channel.k8s.io", "v4.base64.channel.k8s.io", PROTOCOL]
+WEBSOCKET_PROTOCOLS = ["v4.channel.k8s.io", "v4.base64.channel.k8s.io", PROTOCOL, TUNNEL]
 READ_SIZE = 32 * 1024
 
 
 def parse_ports(values: list[str]) -> list[int]:
-    """Ports of ``?port=`` query values (each may be a comma-separated list); ValueError."""
+    """Ports of ``?port=`` query values (each may be a comma-separated list, as kubelet
+    reads them); ValueError."""
     ports = []
     for value in values:
         if not value:
@@ -45,9 +56,24 @@ def parse_ports(values: list[str]) -> list[int]:
             if not item.isdigit() or not 0 < int(item) < 65536:
                 raise ValueError(f"{item!r} is not a port")
             ports.append(int(item))
-    if not ports:
-        raise ValueError("query parameter 'port' is required")
     return ports
+
+
+def websocket_ports(granted: tuple[int, ...], query: list[str]) -> list[int]:
+    """The ports of a WebSocket port-forward: ``granted``, the PortForward request's, or
+    the query's ``port`` values where a direct client sends some: those may only narrow the
+    granted ones (any port, where the request named none). ValueError says why not."""
+    asked = parse_ports(query)
+    if not granted:
+        if not asked:
+            raise ValueError("no ports to forward: the PortForward request named none and "
+                             "the query has no 'port' parameter")
+        return asked
+    outside = [p for p in asked if p not in granted]
+    if outside:
+        raise ValueError(f"port {outside[0]} was not in the PortForward request (ports "
+                         f"{', '.join(map(str, granted))})")
+    return asked or list(granted)
 
 
 async def pump(sock: socket.socket, inbound: Reader, outbound: Writer) -> None:
@@ -166,11 +192,7 @@ async def serve_spdy(
                             await stream.close()
         return f"{count} connections"
     finally:
-        for task in list(tasks):
-            task.cancel()
-        for task in list(tasks):
-            with contextlib.suppress(BaseException):
-                await task
+        await cancel_and_wait(tasks)
         await conn.close()
         reading.cancel()
         with contextlib.suppress(BaseException):
@@ -215,6 +237,54 @@ async def serve_websocket(conn: WsConnection, backend: Backend, sandbox_id: str,
                 await work
         return f"{len(ports)} ports"
     finally:
+        await conn.close()
+        reading.cancel()
+        with contextlib.suppress(BaseException):
+            await reading
+
+
+async def serve_tunnel(conn: WsConnection, backend: Backend, sandbox_id: str, *,
+                       creation_timeout: float = 30.0, idle_timeout: float | None = None
+                       ) -> str:
+    """SPDY port forwarding inside an accepted raw-mode WebSocket (KEP-4006).
+
+    The SPDY server of :func:`serve_spdy` runs unchanged on one end of a socket pair; the
+    other end is copied to and from the WebSocket's binary messages, with the socket
+    pair's and the WebSocket's own back pressure. The client's close ends the SPDY
+    connection (EOF); the SPDY connection's end closes the WebSocket.
+    """
+    inner, outer = socket.socketpair()
+    try:
+        spdy_reader, spdy_writer = await asyncio.open_connection(sock=inner)
+        ws_reader, ws_writer = await asyncio.open_connection(sock=outer)
+    except BaseException:
+        inner.close()
+        outer.close()
+        raise
+    reading = asyncio.ensure_future(conn.run())
+
+    async def up() -> None:
+        source = conn.input(0)
+        while data := await source.read():
+            ws_writer.write(data)
+            await ws_writer.drain()
+        with contextlib.suppress(OSError):
+            ws_writer.write_eof()
+
+    async def down() -> None:
+        while data := await ws_reader.read(READ_SIZE):
+            await conn.send_raw(data)
+
+    pumps = [asyncio.ensure_future(up()), asyncio.ensure_future(down())]
+    try:
+        return await serve_spdy(spdy_reader, spdy_writer, backend, sandbox_id,
+                                creation_timeout=creation_timeout, idle_timeout=idle_timeout)
+    finally:
+        with contextlib.suppress(BaseException):
+            async with asyncio.timeout(5):
+                await pumps[1]  # what the SPDY side wrote last (GOAWAY) reaches the client
+        await cancel_and_wait(pumps)
+        ws_writer.close()
         await conn.close()
         reading.cancel()
         with contextlib.suppress(BaseException):

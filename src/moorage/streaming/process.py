@@ -37,6 +37,7 @@ from moorage import log
 from moorage.oci.runtime import OciRuntime, parse_runc_error
 from moorage.streaming.api import BackendError, Reader, Stdio, TerminalSize, Writer
 from moorage.util.proc import DEVNULL, Process, spawn
+from moorage.util.tasks import cancel_and_wait
 
 _log = log.get("moorage.streaming")
 
@@ -145,11 +146,7 @@ async def _supervise(proc: Process, pid_file: str, log_file: str,
         await asyncio.shield(_kill(proc, pid_file))
         raise
     finally:
-        for task in [*copiers, *helpers]:
-            task.cancel()
-        for task in [*copiers, *helpers]:
-            with contextlib.suppress(BaseException):
-                await task
+        await cancel_and_wait([*copiers, *helpers])
     if not _pid_of(pid_file):
         message = await asyncio.to_thread(_runtime_error, log_file)
         raise BackendError(f"exec in container {container_id} failed: "

@@ -37,6 +37,7 @@ from moorage.streaming.http import BadRequest, negotiate, read_request, response
 from moorage.streaming.http import Request as HttpRequest
 from moorage.streaming.tokens import TokenCache
 from moorage.streaming.websocket import MAX_MESSAGE, WsConnection
+from moorage.util.tasks import cancel_and_wait
 
 _log = log.get("moorage.streaming")
 
@@ -90,11 +91,7 @@ class StreamingServer:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
-        for task in list(self._connections):
-            task.cancel()
-        for task in list(self._connections):
-            with contextlib.suppress(BaseException):
-                await task
+        await cancel_and_wait(self._connections)
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 5)
@@ -204,20 +201,29 @@ class StreamingServer:
             spdy_protocols = remotecommand.SPDY_PROTOCOLS
             ws_protocols = remotecommand.WEBSOCKET_PROTOCOLS
         if req.is_websocket:
-            if isinstance(request, PortForwardRequest):
+            protocol = await self._negotiate_websocket(req, ws_protocols, writer)
+            if protocol is None:
+                return "refused"
+            tunnel = protocol == portforward.TUNNEL
+            ports: list[int] = []
+            if isinstance(request, PortForwardRequest) and not tunnel:
                 try:
-                    ports = portforward.parse_ports(req.query.get("port", []))
+                    ports = portforward.websocket_ports(request.ports,
+                                                        req.query.get("port", []))
                 except ValueError as e:
                     await _reply(writer, 400, body=str(e))
                     return "bad request"
-            accepted = await self._accept_websocket(req, ws_protocols, writer)
+            accepted = await self._accept_websocket(req, protocol, writer)
             if accepted is None:
                 return "refused"
-            protocol, conn_ = accepted
             conn = WsConnection(
-                reader, writer, conn_, base64_codec="base64" in protocol,
+                reader, writer, accepted, base64_codec="base64" in protocol,
                 close_signal=protocol == remotecommand.V5, initial=req.leftover,
-                idle_timeout=cfg.idle_timeout)
+                idle_timeout=cfg.idle_timeout, raw=tunnel)
+            if isinstance(request, PortForwardRequest) and tunnel:
+                return await portforward.serve_tunnel(
+                    conn, self.backend, request.sandbox_id,
+                    creation_timeout=cfg.stream_creation_timeout)
             if isinstance(request, PortForwardRequest):
                 return await portforward.serve_websocket(conn, self.backend,
                                                          request.sandbox_id, ports)
@@ -270,22 +276,29 @@ class StreamingServer:
         opts = remotecommand.Options(request.stdin, request.stdout, request.stderr, request.tty)
         return opts, run_attach
 
-    async def _accept_websocket(self, req: HttpRequest, supported: list[str],
-                                writer: asyncio.StreamWriter
-                                ) -> tuple[str, ServerProtocol] | None:
+    @staticmethod
+    async def _negotiate_websocket(req: HttpRequest, supported: list[str],
+                                   writer: asyncio.StreamWriter) -> str | None:
+        """The subprotocol to answer with ("" where the client offers none); None once
+        400 was answered (it offers only others)."""
         offered = req.tokens("sec-websocket-protocol")
         negotiated = negotiate(offered, supported) if offered else ""
         if negotiated is None:
             await _reply(writer, 400, body=f"unable to upgrade: none of the WebSocket "
                          f"subprotocols {offered} is supported; the server accepts {supported}")
-            return None
-        chosen: str = negotiated
+        return negotiated
+
+    async def _accept_websocket(self, req: HttpRequest, chosen: str,
+                                writer: asyncio.StreamWriter) -> ServerProtocol | None:
         protocol = ServerProtocol(
             select_subprotocol=lambda _conn, _offered: chosen or None,  # type: ignore[arg-type,return-value]
             max_size=MAX_MESSAGE)
         # The protocol object parses the handshake itself (its parser starts there): give it
-        # the head h11 read, re-serialised.
-        head = [f"GET {req.target} HTTP/1.1", *(f"{k}: {v}" for k, v in req.headers)]
+        # the head h11 read, re-serialised, less the subprotocols, negotiated already: its
+        # parser wants RFC 6455 tokens, and KEP-4006's "SPDY/3.1+portforward.k8s.io" (what
+        # Go's gorilla/websocket sends) is not one.
+        head = [f"GET {req.target} HTTP/1.1", *(f"{k}: {v}" for k, v in req.headers
+                                                if k.lower() != "sec-websocket-protocol")]
         protocol.receive_data(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
         events = protocol.events_received()
         if len(events) != 1 or not isinstance(events[0], WsRequest):
@@ -298,7 +311,7 @@ class StreamingServer:
         await writer.drain()
         if answer.status_code != 101:
             return None
-        return chosen, protocol
+        return protocol
 
 
 def _check_streams(tty: bool, stdin: bool, stdout: bool, stderr: bool) -> None:

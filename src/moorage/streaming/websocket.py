@@ -6,6 +6,10 @@ an ASCII digit before base64 text (``base64.channel.k8s.io``, ``v4.base64...``).
 binary message ``[255, n]`` closes channel ``n`` (half-close: stdin EOF). The framing of
 WebSocket itself (masks, fragments, ping/pong, close) is the ``websockets`` library's
 Sans-I/O protocol, fed here from the asyncio streams the HTTP server handed over.
+
+In ``raw`` mode (the SPDY tunnel of KEP-4006, ``SPDY/3.1+portforward.k8s.io``) messages
+have no channel: every binary message is the next bytes of one stream, read from
+``input(0)`` and written with :meth:`WsConnection.send_raw`.
 """
 
 from __future__ import annotations
@@ -84,12 +88,14 @@ class WsConnection(IdleReader):
         close_signal: bool = False,
         initial: bytes = b"",
         idle_timeout: float | None = None,
+        raw: bool = False,
     ) -> None:
         self.reader = reader
         self.writer = writer
         self.protocol = protocol
         self.base64 = base64_codec
         self.close_signal = close_signal
+        self.raw = raw
         self.idle_timeout = idle_timeout
         self.inputs: dict[int, WsInput] = {}
         self.lost = asyncio.Event()
@@ -154,6 +160,13 @@ class WsConnection(IdleReader):
 
     async def _on_message(self, message: bytes, text: bool) -> None:
         if not message:
+            return
+        if self.raw:
+            if text:
+                _log.info("websocket.text_in_tunnel")
+                self.abort()  # the tunnel carries bytes only (client-go refuses text too)
+                return
+            await self.input(0)._deliver(message)
             return
         channel, payload = message[0], message[1:]
         if self.close_signal and not text and channel == CLOSE_SIGNAL:

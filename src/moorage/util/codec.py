@@ -114,3 +114,14 @@ def from_data(tp: Any, data: Any) -> Any:
 def load(tp: type[T], data: Any) -> T:
     result: T = from_data(tp, data)
     return result
+
+
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads(..., object_pairs_hook=unique_keys)``: a JSON object, refusing a
+    duplicated key (ValueError naming it), as Go's strict policy and signature parsers do."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate field {key!r}")
+        out[key] = value
+    return out

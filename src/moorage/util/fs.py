@@ -240,6 +240,71 @@ def dir_usage(path: Path) -> FsUsage:
     return FsUsage(str(path), used, inodes, time.time_ns())
 
 
+#: Symbolic links followed while resolving one path (the kernel's limit).
+MAX_SYMLINKS = 40
+
+
+def open_in_root(
+    root: str | Path, path: str, make: Callable[[int, str], None] | None = None
+) -> tuple[int, str] | None:
+    """``path`` looked up as if ``root`` were ``/`` (a chroot's view, without a chroot):
+    an ``O_PATH`` descriptor of what it names (the caller closes it) and that object's
+    path relative to ``root`` with every symbolic link resolved (``""`` for ``root``).
+
+    Each component is opened relative to the directory reached so far with
+    ``O_NOFOLLOW``; a symbolic link is read and its target walked in its place (an
+    absolute one from ``root`` again), and ``..`` stops at ``root``, so nothing outside
+    ``root`` is ever reached, whatever the links say. None when a component is missing or
+    a non-directory stands where a directory is needed; ``OSError(ELOOP)`` after
+    :data:`MAX_SYMLINKS` links, as the kernel. ``make(dir_fd, name)``, when given, is
+    called for a missing component to create it (``mkdir -p`` inside the root). Blocking.
+    """
+    flags = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+    # The directories from root down to the current one, each with its name.
+    chain: list[tuple[int, str]] = [(os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC),
+                                     "")]
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    hops = 0
+    try:
+        while parts:
+            name = parts.pop(0)
+            if name == "..":
+                if len(chain) > 1:
+                    os.close(chain.pop()[0])
+                continue
+            current = chain[-1][0]
+            try:
+                fd = os.open(name, flags, dir_fd=current)
+            except FileNotFoundError:
+                if make is None:
+                    return None
+                make(current, name)
+                fd = os.open(name, flags, dir_fd=current)
+            except NotADirectoryError:
+                return None
+            st = os.fstat(fd)
+            if stat.S_ISLNK(st.st_mode):
+                os.close(fd)
+                hops += 1
+                if hops > MAX_SYMLINKS:
+                    raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path)
+                target = os.readlink(name, dir_fd=current)
+                if target.startswith("/"):
+                    while len(chain) > 1:
+                        os.close(chain.pop()[0])
+                parts[:0] = [p for p in target.split("/") if p not in ("", ".")]
+                continue
+            chain.append((fd, name))
+            if parts and not stat.S_ISDIR(st.st_mode):
+                return None
+        names = [name for _, name in chain[1:]]
+        fd = chain.pop()[0]
+        return fd, "/".join(names)
+    finally:
+        for fd, _ in chain:
+            os.close(fd)
+
+
 def prepare_beneath(root: Path, relative: str, dir_mode: int = 0o755) -> Path:
     """Make the parent directories of ``root/relative`` without following any symlink below
     ``root``, and make sure no symlink sits at ``relative`` itself; returns the full path.

@@ -11,6 +11,8 @@ aarch64 (the new mount API has the same numbers on every architecture).
 from __future__ import annotations
 
 import ctypes
+import errno
+import functools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +24,7 @@ __all__ = [
     "clone_idmapped",
     "detach",
     "map_id",
+    "mount_setattr_available",
     "move_mount",
 ]
 
@@ -121,6 +124,20 @@ def move_mount(fd: int, target: str) -> None:
         ),
         f"move_mount to {target}",
     )
+
+
+@functools.cache
+def mount_setattr_available() -> bool:
+    """Whether the kernel has ``mount_setattr(2)`` (Linux 5.12+), which recursive read-only
+    mounts (runc's and crun's ``rro`` option) are made with. Probed, not read from the
+    kernel version: a call with no valid descriptor fails with EBADF or EINVAL where the
+    call exists and ENOSYS where it does not (or where a seccomp filter hides it)."""
+    attr = _MountAttr(0, 0, 0, 0)
+    result = _libc.syscall(
+        _SYS_MOUNT_SETATTR, -1, b"", ctypes.c_uint(0), ctypes.byref(attr),
+        ctypes.c_size_t(ctypes.sizeof(attr)),
+    )
+    return result == 0 or ctypes.get_errno() != errno.ENOSYS
 
 
 def detach(path: str) -> bool:

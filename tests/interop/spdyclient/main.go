@@ -8,13 +8,19 @@
 //     (each waits for its SYN_REPLY); copy our stdin up (FIN at EOF), the output down,
 //     send resizes as JSON, read the error stream to EOF and decode the v4 status;
 //   - portforward: per connection an error stream (closed at once) and a data stream with
-//     the same requestID; write the request, half-close, read to EOF, read the error.
+//     the same requestID; write the request, half-close, read to EOF, read the error;
+//   - with -tunnel, the SPDY connection runs inside a WebSocket instead (KEP-4006), as
+//     client-go's NewSPDYOverWebsocketDialer does for crictl and critest
+//     (`-websocket-portforward`): GET with Sec-WebSocket-Protocol "SPDY/3.1+<protocol>",
+//     then every SPDY byte in binary messages (Debian's golang-github-gorilla-websocket-dev,
+//     the library client-go uses).
 //
 // The outcome goes to -result as JSON. Build: GO111MODULE=off GOPATH=/usr/share/gocode.
 package main
 
 import (
 	"bufio"
+	"bytes"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -32,6 +38,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/gorilla/websocket"
 	"github.com/moby/spdystream"
 )
 
@@ -49,7 +56,11 @@ var (
 	port      = flag.Int("port", 0, "portforward: the port")
 	conns     = flag.Int("conns", 1, "portforward: parallel connections")
 	request   = flag.String("request", "GET / HTTP/1.0\r\n\r\n", "portforward: bytes to send")
+	tunnel    = flag.Bool("tunnel", false, "SPDY inside a WebSocket (KEP-4006)")
 )
+
+// tunnelPrefix is what client-go puts before each protocol it offers for the tunnel.
+const tunnelPrefix = "SPDY/3.1+"
 
 type outcome struct {
 	HTTPStatus int               `json:"http_status"`
@@ -66,7 +77,7 @@ type outcome struct {
 
 type connResult struct {
 	Len    int    `json:"len"`
-	Sha256 string `json:"sha256"`
+	Sha256 string `json:"sha256"` // of the data after an HTTP header block
 	Head   string `json:"head"`
 	Error  string `json:"error"`
 }
@@ -88,7 +99,99 @@ func fail(format string, args ...interface{}) {
 	finish(1)
 }
 
+// tunnelConn is a net.Conn over a WebSocket: each Write one binary message, Read the bytes
+// of the messages in turn (client-go's TunnelingConnection does the same).
+type tunnelConn struct {
+	ws     *websocket.Conn
+	reader io.Reader
+	wmu    sync.Mutex
+}
+
+func (c *tunnelConn) Read(p []byte) (int, error) {
+	for {
+		if c.reader == nil {
+			kind, r, err := c.ws.NextReader()
+			if err != nil {
+				if websocket.IsCloseError(err, websocket.CloseNormalClosure) {
+					return 0, io.EOF
+				}
+				return 0, err
+			}
+			if kind != websocket.BinaryMessage {
+				return 0, fmt.Errorf("tunnel: message of type %d, not binary", kind)
+			}
+			c.reader = r
+		}
+		n, err := c.reader.Read(p)
+		if err == io.EOF {
+			c.reader = nil
+			if n > 0 {
+				return n, nil
+			}
+			continue
+		}
+		return n, err
+	}
+}
+
+func (c *tunnelConn) Write(p []byte) (int, error) {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	if err := c.ws.WriteMessage(websocket.BinaryMessage, p); err != nil {
+		return 0, err
+	}
+	return len(p), nil
+}
+
+func (c *tunnelConn) Close() error {
+	c.wmu.Lock()
+	_ = c.ws.WriteControl(websocket.CloseMessage,
+		websocket.FormatCloseMessage(websocket.CloseNormalClosure, ""), time.Now().Add(time.Second))
+	c.wmu.Unlock()
+	return c.ws.Close()
+}
+
+func (c *tunnelConn) LocalAddr() net.Addr                { return c.ws.LocalAddr() }
+func (c *tunnelConn) RemoteAddr() net.Addr               { return c.ws.RemoteAddr() }
+func (c *tunnelConn) SetDeadline(t time.Time) error      { return c.ws.UnderlyingConn().SetDeadline(t) }
+func (c *tunnelConn) SetReadDeadline(t time.Time) error  { return c.ws.SetReadDeadline(t) }
+func (c *tunnelConn) SetWriteDeadline(t time.Time) error { return c.ws.SetWriteDeadline(t) }
+
+func upgradeTunnel() *spdystream.Connection {
+	wsURL := "ws" + strings.TrimPrefix(*rawURL, "http")
+	var offered []string
+	for _, p := range strings.Split(*protocols, ",") {
+		offered = append(offered, tunnelPrefix+p)
+	}
+	dialer := websocket.Dialer{Subprotocols: offered, HandshakeTimeout: 10 * time.Second}
+	ws, resp, err := dialer.Dial(wsURL, nil)
+	if resp != nil {
+		out.HTTPStatus = resp.StatusCode
+	}
+	if err != nil {
+		if resp != nil {
+			body, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+			out.ErrorText = string(body)
+			finish(2)
+		}
+		fail("websocket: %v", err)
+	}
+	out.Protocol = strings.TrimPrefix(ws.Subprotocol(), tunnelPrefix)
+	if ws.Subprotocol() == "" {
+		fail("no subprotocol negotiated")
+	}
+	sc, err := spdystream.NewConnection(&tunnelConn{ws: ws}, false)
+	if err != nil {
+		fail("spdy: %v", err)
+	}
+	go sc.Serve(spdystream.NoOpStreamHandler)
+	return sc
+}
+
 func upgrade() *spdystream.Connection {
+	if *tunnel {
+		return upgradeTunnel()
+	}
 	u, err := url.Parse(*rawURL)
 	if err != nil {
 		fail("url: %v", err)
@@ -239,7 +342,13 @@ func portForward() {
 			ds.Write([]byte(*request))
 			ds.Close()
 			body, _ := io.ReadAll(ds)
-			sum := sha256.Sum256(body)
+			// The digest covers what follows an HTTP header block: headers such as Date
+			// differ between connections made in different seconds.
+			payload := body
+			if j := bytes.Index(body, []byte("\r\n\r\n")); j >= 0 {
+				payload = body[j+4:]
+			}
+			sum := sha256.Sum256(payload)
 			head := string(body)
 			if j := strings.Index(head, "\r\n"); j >= 0 {
 				head = head[:j]
