@@ -15,9 +15,9 @@ import grpc
 import pytest
 
 from moorage.cri.v1 import api_pb2 as pb
-from tests.e2e.conftest import CNI_DIRS, bridge_conflist, in_ns, make_daemon
+from tests.e2e.conftest import bridge_conflist, in_ns, make_daemon
 from tests.e2e.test_sandboxes import assert_node_clean, pod_config, pod_status, rpc_error, run_pod
-from tests.fixtures.daemon import Daemon
+from tests.fixtures.daemon import CNI_PLUGIN_DIR, Daemon
 from tests.fixtures.faults import cni_wrapper, hung_commands, set_rules
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
@@ -41,7 +41,7 @@ class Node:
 @pytest.fixture
 def node(tmp_path: Path, node_ns: str, cni_dir: Path) -> Iterator[Node]:
     rules = tmp_path / "cni-rules"
-    bridge = next(d / "bridge" for d in CNI_DIRS if (d / "bridge").exists())
+    bridge = CNI_PLUGIN_DIR / "bridge"
     plugins = tmp_path / "plugins"
     cni_wrapper(plugins, "flaky", bridge, rules)
     conf = bridge_conflist(tmp_path)
