@@ -100,6 +100,9 @@ class Images:
     pause: str = ""
     big: str = ""
     big_layers: list[Blob] = field(default_factory=list)
+    #: Small images of their own (busybox plus a small random layer each), for pulls and
+    #: removals that a figure or the soak makes while other work runs.
+    small: list[str] = field(default_factory=list)
 
     @property
     def big_bytes(self) -> int:
@@ -110,8 +113,10 @@ class Images:
 class Node:
     """The shared environment of one bench run. ``close()`` removes everything."""
 
+    #: The big image's size; 0 pushes none.
     big_mib: int = 300
     big_layer_count: int = 6
+    small_images: int = 0
     base: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="cribench-")))
     ns: NetNS | None = None
     registry: Registry | None = None
@@ -166,6 +171,12 @@ class Node:
         push_image(reg, "bench/pause", "1",
                    Image(layers=[pause.build("gzip")], entrypoint=[CATATONIT, "-P"], cmd=None))
         self.images.pause = reg.ref("bench/pause", "1")
+        for i in range(self.small_images):
+            layers = [busybox_layer_builder().build("gzip"), random_layer(i, 256 << 10, 64 << 10)]
+            push_image(reg, f"bench/small{i}", "1", Image(layers=layers))
+            self.images.small.append(reg.ref(f"bench/small{i}", "1"))
+        if not self.big_mib:
+            return
         per_layer = (self.big_mib << 20) // self.big_layer_count
         layers = [busybox_layer_builder().build("gzip")]
         layers += [random_layer(i, per_layer) for i in range(self.big_layer_count)]

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -83,17 +84,25 @@ class Moorage(Runtime):
 
     name = "moorage"
 
-    def __init__(self, node: Node, profile: Path | None = None) -> None:
+    def __init__(self, node: Node, profile: Path | None = None,
+                 extra_args: list[str] | None = None, config_text: str = "",
+                 registries: tuple[Any, ...] = ()) -> None:
+        """``extra_args``: more flags; ``config_text``: more TOML; ``registries``: more
+        insecure registries (anything with a ``host``, e.g. a proxy in front of the
+        node's)."""
         super().__init__(node)
         self.profile = profile
+        self.extra_args = list(extra_args or [])
+        self.config_text = config_text
+        self.registries = registries
         self.daemon: Daemon | None = None
 
     def start(self) -> None:
         d = make_daemon(self.base, self.node.ns_path, self.node.cni_conf_dir,
-                        ["--log-level", "info"])
-        d.config_text = OOM_SCORE_CLAMP
+                        ["--log-level", "info", *self.extra_args])
+        d.config_text = OOM_SCORE_CLAMP + self.config_text
         assert self.node.registry is not None
-        d.registries_conf_text = insecure_conf(self.node.registry)
+        d.registries_conf_text = insecure_conf(self.node.registry, *self.registries)
         if self.profile is not None:
             d = _profiled(d, self.profile)
         d.start(timeout=60)

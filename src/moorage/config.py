@@ -92,6 +92,17 @@ class RuntimeHandler(_Section):
         None, description="The runtime's --root state dir; empty means <runroot>/runtimes/<name>."
     )
     runtime_type: Literal["oci"] = Field("oci", description="Only OCI runtimes for now.")
+    command_timeout: float = Field(
+        60.0, gt=0,
+        description="Seconds a runtime command (start, kill, delete, state, update, ...) may "
+        "take; then it is killed with what it started and the call fails with "
+        "DEADLINE_EXCEEDED. `create` has its own bound, create_timeout.",
+    )
+    create_timeout: float = Field(
+        240.0, gt=0,
+        description="Seconds `create` may take (run by the container's monitor); then it is "
+        "killed and CreateContainer fails. 240 s, as CRI-O allows.",
+    )
 
 
 class RuntimeConfig(_Section):
@@ -167,6 +178,11 @@ class NetworkConfig(_Section):
     )
     cni_default_network: str = Field(
         "", description="Name of the CNI network to use; empty means the first valid config."
+    )
+    cni_timeout: float = Field(
+        60.0, gt=0,
+        description="Seconds one CNI plugin may take for an ADD, DEL or CHECK; then it is "
+        "killed with what it started, and a failed ADD is rolled back (CRI-O waits 4 min).",
     )
 
 

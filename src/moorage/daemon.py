@@ -118,6 +118,14 @@ def _confinement(runtime: config.RuntimeConfig) -> dict[str, Any]:
             "apparmor_profile": name}
 
 
+def _oci_runtime(cfg: config.Config, name: str) -> OciRuntime:
+    handler = cfg.runtimes[name]
+    return OciRuntime(name, handler.runtime_path or name, cfg.runtime_root(name),
+                      systemd_cgroup=cfg.runtime.cgroup_manager == "systemd",
+                      command_timeout=handler.command_timeout,
+                      create_timeout=handler.create_timeout)
+
+
 class Daemon:
     def __init__(self, cfg: config.Config,
                  reload: Callable[[], config.Config] | None = None) -> None:
@@ -176,7 +184,8 @@ class Daemon:
             raise StartError('runtime.cgroup_manager = "systemd" needs systemd as the init '
                              "system; this host has none: use cgroupfs")
         self.cni = CNIManager(cfg.network.cni_config_dir, cfg.network.cni_plugin_dirs,
-                              cfg.root / "network" / "cni-cache", cfg.network.cni_default_network)
+                              cfg.root / "network" / "cni-cache", cfg.network.cni_default_network,
+                              plugin_timeout=cfg.network.cni_timeout)
         layout = await asyncio.to_thread(cgroups.Layout.detect)
         _log.info("daemon.cgroups", **layout.describe())
         self.sandboxes = SandboxManager(
@@ -186,11 +195,7 @@ class Daemon:
             default_handler=cfg.runtime.default_runtime,
             infra_command=cfg.runtime.infra_command,
         )
-        runtimes = {
-            name: OciRuntime(name, handler.runtime_path or name, cfg.runtime_root(name),
-                             systemd_cgroup=cfg.runtime.cgroup_manager == "systemd")
-            for name, handler in cfg.runtimes.items()
-        }
+        runtimes = {name: _oci_runtime(cfg, name) for name in cfg.runtimes}
         self.monitor = MonitorClient(cfg.runroot)
         await self.monitor.ensure_server()
         try:
@@ -334,10 +339,8 @@ class Daemon:
             changed.append("cdi.spec_dirs")
         if new.runtimes != old.runtimes or new.runtime.default_runtime != (
                 old.runtime.default_runtime):
-            for name, handler in new.runtimes.items():
-                self.containers.runtimes.setdefault(name, OciRuntime(
-                    name, handler.runtime_path or name, new.runtime_root(name),
-                    systemd_cgroup=new.runtime.cgroup_manager == "systemd"))
+            for name in new.runtimes:
+                self.containers.runtimes.setdefault(name, _oci_runtime(new, name))
             self.sandboxes.handlers = set(new.runtimes)
             self.sandboxes.default_handler = new.runtime.default_runtime
             self.runtime_service.handlers = list(new.runtimes)

@@ -47,12 +47,15 @@ def env(tmp_path: Path, node_ns: str, cni_dir: Path, registry: Registry,
 @contextlib.contextmanager
 def running_env(base: Path, node_ns: str, cni_dir: Path, registry: Registry,
                 busybox_ref: str, *, config_extra: str = "",
-                images: tuple[str, ...] = ()) -> Iterator[Env]:
+                images: tuple[str, ...] = (),
+                daemon_env: dict[str, str] | None = None) -> Iterator[Env]:
     """A daemon with state in ``base`` running in the node namespace, busybox (and
-    ``images``) pulled; ``config_extra`` is TOML added to its config drop-in. At the end
-    every pod is removed and the daemon stopped."""
+    ``images``) pulled; ``config_extra`` is TOML added to its config drop-in,
+    ``daemon_env`` its environment. At the end every pod is removed and the daemon
+    stopped."""
     d = make_daemon(base, node_ns, cni_dir)
     d.config_text = OOM_SCORE_CLAMP + config_extra
+    d.env = dict(daemon_env or {})
     d.registries_conf_text = insecure_conf(registry)
     # The registry listens on the machine's loopback; the pods' daemon runs in the node
     # namespace. Pull first from a daemon outside it, on the same state.

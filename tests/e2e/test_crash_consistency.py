@@ -6,6 +6,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import os
+import re
 import subprocess
 import threading
 import time
@@ -62,12 +63,49 @@ def _default_parent_children() -> set[str]:
     return {f"{d}/{n}" for d in parent.dirs() for n in _entries(d) if (d / n).is_dir()}
 
 
+def remove_everything(rt: pb_grpc.RuntimeServiceStub) -> None:
+    """Stop and remove every pod and container the daemon reports, as kubelet's cleanup
+    would; then it reports none."""
+    for item in rt.ListPodSandbox(pb.ListPodSandboxRequest()).items:
+        rt.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=item.id))
+        rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=item.id))
+    for c in rt.ListContainers(pb.ListContainersRequest()).containers:
+        rt.RemoveContainer(pb.RemoveContainerRequest(container_id=c.id))
+    assert not rt.ListPodSandbox(pb.ListPodSandboxRequest()).items
+    assert not rt.ListContainers(pb.ListContainersRequest()).containers
+
+
+def _pod_cgroups_of(d: Daemon) -> set[str]:
+    """The pod cgroups under moorage's default parent that this daemon's pods had (the
+    parent is shared with every other daemon of the machine: only ours are looked at)."""
+    ids = set(re.findall(r"pod_sandbox_id=([0-9a-f]{64})", d.log_path.read_text()))
+    return {p for p in _default_parent_children() if p.rsplit("/", 1)[1] in
+            {i[:16] for i in ids}}
+
+
+def assert_nothing_left(d: Daemon, node_ns: str, tmp_path: Path,
+                        handlers: tuple[str, ...] = ("runc",)) -> None:
+    """Once every pod and container is removed: nothing of them is left on the node (pins,
+    mounts, veths, IPs, records, writable layers, CNI cache, the runtimes' containers,
+    pod cgroups and the infra processes they would keep)."""
+    assert_node_clean(d, node_ns, tmp_path)
+    assert _mounts_under(d.root) == []
+    assert _entries(d.root / "containers") == []
+    assert [n for n in _entries(d.root / "overlay" / "containers")
+            if not n.startswith(".")] == []
+    assert _entries(d.root / "network" / "cni-cache") == []
+    for handler in handlers:
+        runc = subprocess.run(["runc", "--root", str(d.runroot / "runtimes" / handler),
+                               "list", "-q"], capture_output=True, text=True, check=False)
+        assert runc.stdout.split() == [], handler
+    assert _pod_cgroups_of(d) == set()
+
+
 @pytest.mark.parametrize("delay", [0.05, 0.2, 0.6])
 def test_kill9_while_pods_and_containers_are_built(
         tmp_path: Path, node_ns: str, cni_dir: Path, registry: Registry,
         busybox_ref: str, delay: float) -> None:  # noqa: F811
     with running_env(tmp_path, node_ns, cni_dir, registry, busybox_ref) as env:
-        before = _default_parent_children()
         stop = threading.Event()
         # A channel of the builders' own: the fixture closes its channel when it kills
         # the daemon, and grpc must not see a channel closed under calls in flight.
@@ -83,28 +121,5 @@ def test_kill9_while_pods_and_containers_are_built(
         env.d.start()
         env.rt = env.d.runtime
         # Whatever the new daemon reports can be removed, and then nothing is left.
-        for item in env.rt.ListPodSandbox(pb.ListPodSandboxRequest()).items:
-            env.rt.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=item.id))
-            env.rt.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=item.id))
-        for c in env.rt.ListContainers(pb.ListContainersRequest()).containers:
-            env.rt.RemoveContainer(pb.RemoveContainerRequest(container_id=c.id))
-        assert not env.rt.ListPodSandbox(pb.ListPodSandboxRequest()).items
-        assert not env.rt.ListContainers(pb.ListContainersRequest()).containers
+        remove_everything(env.rt)
         assert_nothing_left(env.d, node_ns, tmp_path)
-        # The pod cgroups, and the infra processes (catatonit) that would keep them.
-        assert _default_parent_children() - before == set()
-
-
-def assert_nothing_left(d: Daemon, node_ns: str, tmp_path: Path) -> None:
-    """After every pod was removed: nothing of them is left on the node (pins, mounts,
-    veths, IPs, pod records: ``assert_node_clean``), nor of their containers (mounts,
-    records, rootfs dirs, CNI cache entries, runc's state)."""
-    assert_node_clean(d, node_ns, tmp_path)
-    assert _mounts_under(d.root) == []
-    assert _entries(d.root / "containers") == []
-    assert [n for n in _entries(d.root / "overlay" / "containers")
-            if not n.startswith(".")] == []
-    assert _entries(d.root / "network" / "cni-cache") == []
-    runc = subprocess.run(["runc", "--root", str(d.runroot / "runtimes" / "runc"),
-                           "list", "-q"], capture_output=True, text=True, check=False)
-    assert runc.stdout.split() == []

@@ -739,6 +739,29 @@ def test_v2_remove_with_a_child_left_retries_then_fails(
     assert len(calls) == PodCgroup.RMDIR_TRIES
 
 
+def test_v2_remove_keeps_a_parent_other_pods_use(
+    v2: FakeCgroupfs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first pod made the parent; removing that pod leaves it to the other pods at once
+    (no EBUSY retries, no failure)."""
+    first = PodCgroup(v2.layout(), "/shared/pod1")
+    created = first.create()
+    assert v2.root / "shared" in created
+    PodCgroup(v2.layout(), "/shared/pod2").create()
+    calls: list[str] = []
+    real_rmdir = os.rmdir
+
+    def counting(path: str | os.PathLike[str], **kw: object) -> None:
+        calls.append(str(path))
+        real_rmdir(path)
+
+    monkeypatch.setattr(os, "rmdir", counting)
+    first.remove(created)
+    assert not (v2.root / "shared/pod1").exists()
+    assert (v2.root / "shared/pod2").is_dir()
+    assert calls == [str(v2.root / "shared/pod1")]
+
+
 # -- v1 -------------------------------------------------------------------------------------
 
 

@@ -368,6 +368,7 @@ async def test_plugin_timeout_kills_it(env: Env) -> None:
     with pytest.raises(CNIError, match="timed out after 1s") as info:
         await m.attach(request())
     assert info.value.plugin == "fake-b"
+    assert info.value.code == "DEADLINE_EXCEEDED"  # (after the rollback, too)
     hung = next(c for c in env.calls() if c["plugin"] == "fake-b" and c["cmd"] == "ADD")
     for _ in range(100):
         try:

@@ -53,6 +53,43 @@ def test_deep_tree_is_walked_measured_and_removed(tmp_path: Path) -> None:
     assert os.path.isdir("/etc")  # the symlink went, not what it pointed to
 
 
+def test_usage_counts_again_when_a_directory_moves_under_it(tmp_path: Path) -> None:
+    """ImageFsInfo walks the containers' layers while RemoveContainer moves one into the
+    trash: the walk notices (going back up leads elsewhere) and counts again."""
+    tree = tmp_path / "containers"
+    (tree / "a" / "deep").mkdir(parents=True)
+    (tree / "a" / "deep" / "f").write_text("x")
+    (tree / "b").mkdir()
+    trash = tmp_path / "trash"
+    trash.mkdir()
+    moved = []
+
+    def visit(dir_fd: int, name: str, st: os.stat_result) -> None:
+        if name == "f" and not moved:  # inside a/deep: move ``a`` away, as a removal does
+            os.rename(tree / "a", trash / "a")
+            moved.append(name)
+
+    with pytest.raises(OSError) as info:
+        walk_tree(tree, visit)
+    assert info.value.errno == errno.ESTALE
+    os.rename(trash / "a", tree / "a")
+    real = walk_tree
+    calls = []
+
+    def flaky(path: str | Path, visit: object, leave: object = None) -> None:
+        calls.append(path)
+        if len(calls) == 1:
+            raise OSError(errno.ESTALE, f"{path} changed while it was walked")
+        real(path, visit, leave)  # type: ignore[arg-type]
+
+    import moorage.util.fs as fs
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fs, "walk_tree", flaky)
+        assert tree_usage(tree)[1] == 4  # a, deep, f, b: counted again from the start
+    assert len(calls) == 2
+
+
 def test_remove_tree_never_follows_symlinks(tmp_path: Path) -> None:
     victim = tmp_path / "victim"
     victim.mkdir()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from moorage.errors import FailedPrecondition, InvalidArgument
+from moorage.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
 from moorage.monitor import create, protocol
 from moorage.monitor.client import (
     CreateRequest,
@@ -188,7 +188,7 @@ async def test_bad_requests(client: MonitorClient, tmp_path: Path) -> None:
 
 async def test_create_timeout_kills_the_runtime(client: MonitorClient, tmp_path: Path) -> None:
     runtime = _runtime(tmp_path, "exec sleep 30")
-    with pytest.raises(MonitorError, match="did not finish in 0.3s"):
+    with pytest.raises(DeadlineExceeded, match="did not finish in 0.3s"):
         await client.create(_request(tmp_path, runtime, timeout=0.3))
 
 

@@ -52,6 +52,7 @@ from moorage.sandbox.model import State as SandboxState
 from moorage.state import records
 from moorage.storage.overlay import ContainerStorage, check_image_sub_path
 from moorage.util import codec, idmap
+from moorage.util.crash import crashpoint
 from moorage.util.fs import (
     atomic_write,
     discard_tree,
@@ -304,6 +305,7 @@ class ContainerManager:
         try:
             async with self._lock(c.id):
                 await self._save(c)
+                crashpoint("container.create.recorded")
                 try:
                     await self._create(c, sb)
                 except BaseException as e:
@@ -341,6 +343,7 @@ class ContainerManager:
         # Everything up to the runtime's own create is blocking file work: one thread hop.
         await asyncio.to_thread(self._prepare, c, sb, view, options,
                                 self._target_pid_ns(c.spec))
+        crashpoint("container.create.prepared")
         runtime = self.runtimes[c.runtime_handler]
         created = await self.monitor.create(CreateRequest(
             id=c.id, bundle=str(state_dir), runtime=runtime.binary_path(),
@@ -348,12 +351,14 @@ class ContainerManager:
             state_dir=str(state_dir),
             log_path=c.log_path or str(state_dir / "ctr.log"), tty=c.spec.tty,
             stdin=c.spec.stdin, stdin_once=c.spec.stdin_once, log_max_line=self.log_max_line,
-            cgroup_memory_dir=self._memory_dir(c),
+            cgroup_memory_dir=self._memory_dir(c), timeout=runtime.create_timeout,
         ))
+        crashpoint("container.create.runtime_created")
         c.pid, c.monitor_pid = created.pid, created.monitor_pid
         c.extra["monitor_start"] = _start_time(created.monitor_pid)
         c.state = State.CREATED
         await self._save(c)
+        crashpoint("container.create.saved")
         self._watch(c)
 
     def _prepare(self, c: Container, sb: Sandbox, view: SandboxView,
@@ -498,7 +503,12 @@ class ContainerManager:
             return
         if status is None:
             c.exit_code, c.finished_at = 255, time.time_ns()
-            c.reason, c.message = "Error", "the container's monitor exited without a status"
+            # Its monitor died (SIGKILL, the OOM killer): the exit cannot be known, and a
+            # container nobody watches is killed by the release, as CRI-O does when conmon
+            # dies.
+            c.reason = "Error"
+            c.message = ("the container's monitor died without recording an exit; the "
+                         "container was killed")
         else:
             c.exit_code, c.finished_at = status.exit_code, status.exited_at
             if status.oom_killed:
@@ -511,6 +521,7 @@ class ContainerManager:
         c.state = State.EXITED
         self._release_soon(c)  # runs while the record is written
         await self._save(c)
+        crashpoint("container.exit.recorded")
         self._exited.setdefault(c.id, asyncio.Event()).set()
         _log.info("container.exited", container_id=c.id, exit_code=c.exit_code, reason=c.reason)
         self._emit("stopped", c)
@@ -531,6 +542,7 @@ class ContainerManager:
         try:
             if runtime is not None:
                 await runtime.delete(c.id, force=True)
+                crashpoint("container.release.runtime_deleted")
             await asyncio.to_thread(self.storage.unmount, c.id)
         except MoorageError as e:
             _log.warning("container.release_failed", container_id=c.id, error=e.message)
@@ -557,6 +569,10 @@ class ContainerManager:
     async def start(self, container_id: str) -> None:
         c = self.get(container_id)
         async with self._lock(c.id):
+            if c.state == State.RUNNING:
+                # kubelet's retry of a start that worked but whose answer it never got (a
+                # daemon killed right after ``runtime start``): the container runs.
+                return
             if c.state != State.CREATED:
                 raise FailedPrecondition(
                     f"container {c.id} is {c.state.value}, only a created container can start"
@@ -570,6 +586,7 @@ class ContainerManager:
             starting = self._starting[c.id] = asyncio.get_running_loop().create_future()
             try:
                 await runtime.start(c.id)
+                crashpoint("container.start.runtime_started")
             except MoorageError:
                 status = self.monitor.read_exit(self.state_dir(c))
                 if status is not None:
@@ -582,6 +599,7 @@ class ContainerManager:
             if c.state == State.CREATED:
                 c.state = State.RUNNING
             await self._save(c)
+            crashpoint("container.start.saved")
         _log.info("container.started", container_id=c.id)
         self._emit("started", c)
 
@@ -608,6 +626,7 @@ class ContainerManager:
         exited = self._exited.setdefault(c.id, asyncio.Event())
         if c.state == State.RUNNING and timeout > 0:
             await runtime.kill(c.id, self._stop_signal(c))
+            crashpoint("container.stop.signalled")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(exited.wait(), timeout)
         if not exited.is_set():
@@ -632,11 +651,16 @@ class ContainerManager:
             if c.id not in self._containers:
                 return
             await self._stop_locked(c, 0)
-            await self._destroy(c)
+            await self._destroy(c, strict=True)
         self._emit("deleted", c)
 
-    async def _destroy(self, c: Container) -> None:
-        """Remove everything of ``c``; idempotent, tolerant of half-built containers."""
+    async def _destroy(self, c: Container, *, strict: bool = False) -> None:
+        """Remove everything of ``c``; idempotent, tolerant of half-built containers.
+
+        ``strict`` (RemoveContainer): when the runtime cannot delete its container, raise
+        before anything is removed, so the container stays listed and kubelet's retry
+        finishes the removal (as CRI-O answers); otherwise (undoing a failed create) the
+        failure is logged and the rest removed."""
         runtime = self.runtimes.get(c.runtime_handler)
         if runtime is not None and not await self._await_release(c):
             try:
@@ -644,6 +668,8 @@ class ContainerManager:
             except MoorageError as e:
                 _log.warning("container.runtime_delete_failed", container_id=c.id,
                              error=e.message)
+                if strict:
+                    raise
         watcher = self._watchers.pop(c.id, None)
         if watcher is not None:
             watcher.cancel()
@@ -666,8 +692,10 @@ class ContainerManager:
         deletes them in the background, and at the next start if the daemon died first.
         """
         self.storage.remove(c.id, later=True)
+        crashpoint("container.remove.layer_discarded")
         _unmount_idmapped(self.state_dir(c) / IDMAPPED_DIR)
         discard_tree(self.state_dir(c), self._trash)
+        crashpoint("container.remove.state_discarded")
         (self.paths.records / f"{c.id}.json").unlink(missing_ok=True)
 
     def _empty_trash_soon(self) -> None:
@@ -751,6 +779,10 @@ class ContainerManager:
             self._by_key[_key(c, self.sandboxes)] = c.id
             try:
                 await self._reconcile(c)
+                # A create whose answer an earlier daemon may never have sent: kubelet's
+                # retry with the same name gets this container (once), as after a
+                # cancelled call.
+                c.delivered = c.state != State.CREATED
             except Exception as e:
                 # The daemon starts all the same; the container's removal tries again.
                 _log.error("container.recover_failed", container_id=c.id,
@@ -767,6 +799,8 @@ class ContainerManager:
             if status is not None:
                 await self._record_exit(c, status)
             elif c.monitor_pid and _start_time(c.monitor_pid) == c.extra.get("monitor_start"):
+                if c.state == State.CREATED:
+                    await self._adopt_start(c)
                 self._watch(c)
             else:
                 # No monitor and no exit status: the node rebooted (or the monitor was
@@ -774,6 +808,18 @@ class ContainerManager:
                 await self._record_exit(c, None)
                 c.message = "the container's monitor is gone (node rebooted?)"
                 await self._save(c)
+
+
+    async def _adopt_start(self, c: Container) -> None:
+        """A container recorded as created that the runtime says runs: the daemon died
+        between ``runtime start`` and saving the record. It is running (since about now:
+        the start time was never recorded)."""
+        runtime = self.runtimes.get(c.runtime_handler)
+        state = await runtime.state(c.id) if runtime is not None else None
+        if state is not None and state.get("status") == "running":
+            c.state, c.started_at = State.RUNNING, time.time_ns()
+            await self._save(c)
+            _log.info("container.recover_started", container_id=c.id)
 
 
 def _log_path(log_directory: str, log_path: str) -> str:

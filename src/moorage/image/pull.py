@@ -45,12 +45,14 @@ from moorage.image.registry import RegistryClient, check_digest
 from moorage.image.store import Image, ImageStore, LayerInfo, layer_usage
 from moorage.image.unpacker import (
     Compression,
+    LayerNoSpace,
     Unpacker,
     UnpackResult,
     compression_for_media_type,
     unpack_layer,
 )
-from moorage.util.fs import remove_tree
+from moorage.util.crash import crashpoint
+from moorage.util.fs import NO_SPACE, remove_tree
 
 _log = log.get("moorage.image")
 T = TypeVar("T")
@@ -398,10 +400,21 @@ class Puller:
                         f"the image config says {diff_id}"
                     )
                 used, inodes = await asyncio.to_thread(layer_usage, tmp)
+                crashpoint("image.pull.layer_unpacked")
                 await self.store.add_layer(tmp, LayerInfo(diff_id, result.size, used, inodes))
-            except BaseException:
+                crashpoint("image.pull.layer_added")
+            except BaseException as e:
                 if tmp is not None:
                     await asyncio.to_thread(remove_tree, tmp)
+                full = e.strerror if isinstance(e, OSError) and e.errno in NO_SPACE else None
+                if full is not None or isinstance(e, LayerNoSpace):
+                    # A full disk: keep no partial download to resume (it holds the space
+                    # the next attempt needs).
+                    partial.unlink(missing_ok=True)
+                if full is not None:
+                    raise ResourceExhausted(
+                        f"layer {layer.digest}: the image store's disk is full: {full}"
+                    ) from None
                 raise
             finally:
                 if downloaded:

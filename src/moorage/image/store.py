@@ -35,6 +35,7 @@ from moorage.image import reference as refs
 from moorage.image import registries
 from moorage.image.manifest import ImageConfig, parse_config
 from moorage.state import records
+from moorage.util.crash import crashpoint
 from moorage.util.fs import FsUsage, atomic_write, remove_tree, tree_usage
 
 _log = log.get("moorage.image")
@@ -245,6 +246,7 @@ class ImageStore:
                     path = self.blobs / _hex(digest)
                     if not path.exists():
                         atomic_write(path, data, 0o644)
+                crashpoint("image.pull.blobs_written")
                 for img in changed:
                     self._write_record(img)
 
@@ -296,6 +298,7 @@ class ImageStore:
                 await asyncio.to_thread(
                     lambda: (self.records / f"{_hex(image.id)}.json").unlink(missing_ok=True)
                 )
+                crashpoint("image.remove.record_removed")
                 await asyncio.to_thread(self._collect_sync, set(self.holds))
             else:
                 await asyncio.to_thread(self._write_record, image)
@@ -317,6 +320,7 @@ class ImageStore:
                 del self._layers[diff_id]
                 (self.layer_meta / f"{_hex(diff_id)}.json").unlink(missing_ok=True)
                 remove_tree(self.layer_path(diff_id))
+                crashpoint("image.remove.layer_removed")
         for path in self.layers_dir.iterdir():
             if not path.name.startswith(".") and "sha256:" + path.name not in self._layers:
                 remove_tree(path)

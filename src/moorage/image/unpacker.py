@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 from moorage.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from moorage.util.fs import NO_SPACE
 from moorage.util.helper import helper_env
 from moorage.util.proc import PIPE, Process, spawn
 
@@ -56,6 +57,10 @@ class UnpackResult:
 
 class UnpackError(FailedPrecondition):
     """The layer could not be unpacked; the message says which rule it broke, or what failed."""
+
+
+class LayerNoSpace(ResourceExhausted):
+    """The disk (or quota) of the layer directory filled up while the layer was unpacked."""
 
 
 class LayerTooLarge(ResourceExhausted):
@@ -224,6 +229,8 @@ def _parse_answer(name: str, returncode: int | None, stdout: bytes, stderr: byte
         error = _cut(answer["error"])
         if returncode == EXIT_LIMIT:
             raise LayerTooLarge(f"layer {name} refused: {error}")
+        if answer.get("errno") in NO_SPACE:
+            raise LayerNoSpace(f"layer {name} failed: the image store's disk is full: {error}")
         verdict = "refused" if returncode == EXIT_REFUSED else "failed"
         raise UnpackError(f"layer {name} {verdict}: {error}")
     tail = stderr.decode("utf-8", "replace").strip()[-_STDERR_TAIL:]

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moorage.errors import FailedPrecondition, Internal, InvalidArgument
+from moorage.errors import DeadlineExceeded, FailedPrecondition, Internal, InvalidArgument
 from moorage.monitor import protocol
 from moorage.util.helper import helper_env
 
@@ -248,6 +248,8 @@ class MonitorClient:
             kind = reply.get("kind")
             if kind == protocol.KIND_RUNTIME:
                 raise MonitorError(f"{req.runtime} create of container {req.id} failed: {error}")
+            if kind == protocol.KIND_TIMEOUT:
+                raise DeadlineExceeded(f"create of container {req.id}: {error}")
             if kind == protocol.KIND_INVALID:
                 raise InvalidArgument(f"monitor request for container {req.id}: {error}")
             raise MonitorFailure(f"container {req.id}: {error}")

@@ -33,6 +33,7 @@ from moorage.monitor.protocol import (
     KIND_INTERNAL,
     KIND_INVALID,
     KIND_RUNTIME,
+    KIND_TIMEOUT,
     MONITOR_PID,
     PIDFILE,
     delete_argv,
@@ -70,6 +71,10 @@ LOG_MODE = 0o640
 
 class CreateFailed(Exception):
     """``runtime create`` failed; the message is the runtime's own words."""
+
+
+class CreateTimedOut(CreateFailed):
+    """``runtime create`` did not finish in time and was killed."""
 
 
 class Refused(Exception):
@@ -290,7 +295,7 @@ class Worker:
                     kill_children(self.reaped)
                     if self.abandoned:
                         raise Cancelled()
-                    raise CreateFailed(
+                    raise CreateTimedOut(
                         f"{self.req['runtime']} create did not finish in {timeout:g}s; killed"
                     )
                 for fd, _ in ep.poll(remaining):
@@ -415,7 +420,8 @@ def work(line: bytes, conn: int, report: _socket.socket) -> NoReturn:
             answer = {"error": str(e), "kind": KIND_INVALID}
         except CreateFailed as e:
             kill_children()
-            answer = {"error": str(e), "kind": KIND_RUNTIME}
+            kind = KIND_TIMEOUT if isinstance(e, CreateTimedOut) else KIND_RUNTIME
+            answer = {"error": str(e), "kind": kind}
         except Exception as e:
             kill_children()
             answer = {"error": f"monitor: {describe(e)}", "kind": KIND_INTERNAL}

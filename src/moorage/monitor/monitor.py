@@ -170,6 +170,9 @@ class Monitor:
         self.wake_r = -1
         self.log_fd = -1
         self.log_errors = 0
+        #: A write stopped inside a line (the disk filled up): the line must be ended
+        #: before the next one, or the two are glued into one that kubelet cannot parse.
+        self.log_cut = False
         #: Output descriptors: fd -> stream id (the pty master is stdout).
         self.outputs: dict[int, int] = {}
         self.master = -1  # the pty master (tty), for resize
@@ -440,6 +443,8 @@ class Monitor:
                     self._drop_client(client)
 
     def _write_log(self, data: bytes) -> None:
+        if self.log_cut and data:
+            data = b"\n" + data
         while data:
             try:
                 n = os.write(self.log_fd, data)
@@ -451,6 +456,9 @@ class Monitor:
                 if self.log_errors == 1 or self.log_errors % 1000 == 0:
                     _say(self.cid, f"cannot write the log ({self.log_errors} times): {e}")
                 return
+            self.log_cut = n < len(data)
+            if self.log_cut and data[n - 1:n] == b"\n":
+                self.log_cut = False  # stopped between two lines
             data = data[n:]
 
     def reopen_log(self) -> None:

@@ -69,6 +69,8 @@ SUN_PATH_MAX = 107
 KIND_RUNTIME = "runtime"
 KIND_INVALID = "invalid"
 KIND_INTERNAL = "internal"
+#: ``runtime create`` overran its timeout and was killed.
+KIND_TIMEOUT = "timeout"
 
 _STR_FIELDS = ("id", "bundle", "runtime", "runtime_root", "state_dir", "log_path")
 _BOOL_FIELDS = ("tty", "stdin", "stdin_once")

@@ -50,6 +50,7 @@ from moorage.network.types import (
     NetworkNotReady,
 )
 from moorage.state import records
+from moorage.util.crash import crashpoint
 from moorage.util.fs import remove_stale_temps
 
 __all__ = ["CNIManager"]
@@ -422,6 +423,7 @@ class CNIManager:
                         f"cannot bring up lo in {req.netns_path} for sandbox {req.sandbox_id}: {e}"
                     ) from e
             await self._write(req.sandbox_id, self._record(net, inv, STATE_ADDING, None, pod))
+            crashpoint("sandbox.run.network_adding")
             progress: list[dict[str, Any]] = []
             try:
                 result = await self._add(net, inv, progress)
@@ -527,8 +529,8 @@ def _minimal_cni_args(sandbox_id: str) -> str:
 
 
 def _with_message(error: CNIError, message: str) -> CNIError:
-    """The same CNIError with another message."""
-    return CNIError(
+    """The same CNIError (of the same class) with another message."""
+    return type(error)(
         message,
         plugin=error.plugin,
         command=error.command,

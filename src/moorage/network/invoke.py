@@ -20,7 +20,7 @@ from typing import Any
 from moorage import log
 from moorage.network.config import NetworkConfigList
 from moorage.network.result import parse_error
-from moorage.network.types import Bandwidth, CNIError, PortMapping
+from moorage.network.types import Bandwidth, CNIError, CNITimeout, PortMapping
 from moorage.util.proc import PIPE, Process, spawn
 
 _log = log.get("moorage.network")
@@ -171,7 +171,7 @@ async def exec_plugin(
         _kill_group(proc)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(proc.wait(), 5)
-        raise CNIError(
+        raise CNITimeout(
             f"{where}: timed out after {time_limit:g}s and was killed",
             plugin=plugin,
             command=command,

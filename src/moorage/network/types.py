@@ -76,3 +76,9 @@ class CNIError(errors.Internal):
         self.cni_code = cni_code
         self.cni_msg = cni_msg
         self.details = details
+
+
+class CNITimeout(CNIError):
+    """A CNI plugin overran the timeout (``network.cni_timeout``) and was killed."""
+
+    code = "DEADLINE_EXCEEDED"

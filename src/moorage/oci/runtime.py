@@ -177,6 +177,7 @@ class OciRuntime:
         *,
         systemd_cgroup: bool = False,
         command_timeout: float = 60.0,
+        create_timeout: float = 240.0,
         exec_dir: Path | None = None,
     ) -> None:
         """``binary``: a path, or a name looked up in PATH at first use ("" means ``name``).
@@ -188,6 +189,8 @@ class OciRuntime:
         self.root = root
         self.systemd_cgroup = systemd_cgroup
         self.command_timeout = command_timeout
+        #: How long the monitor lets ``create`` run (it runs the command, not us).
+        self.create_timeout = create_timeout
         self.exec_dir = exec_dir
         self._resolved: str | None = None
         self._features: dict[str, Any] | None = None

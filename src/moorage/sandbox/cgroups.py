@@ -825,9 +825,14 @@ class PodCgroup:
 
         Kills nothing: a directory that still holds processes (or child cgroups) stays, and
         FailedPrecondition names it, after every other directory was tried. Missing is fine.
+        A parent this pod created that now holds other pods' cgroups is theirs too: it stays,
+        without a retry or a failure.
         """
         failures: list[str] = []
+        own = set(self.dirs())
         for directory in sorted(created, key=lambda p: len(p.parts), reverse=True):
+            if any(directory in d.parents for d in own) and _others(directory, set(created)):
+                continue
             problem = self._rmdir(directory)
             if problem:
                 failures.append(problem)
@@ -905,6 +910,16 @@ class PodSlice:
 #: The prefix of our cgroups below a pod cgroup: each container's (runc makes it) and the
 #: infra process's.
 OUR_PREFIX = "moorage-"
+
+
+def _others(directory: Path, ours: set[Path]) -> bool:
+    """Whether the cgroup ``directory`` has child cgroups other than ``ours``."""
+    try:
+        with os.scandir(directory) as entries:
+            return any(e.is_dir(follow_symlinks=False) and Path(e.path) not in ours
+                       for e in entries)
+    except OSError:
+        return False
 
 
 def members(directory: Path) -> list[int]:

@@ -33,6 +33,7 @@ from moorage.sandbox import cgroups, files, namespaces, userns
 from moorage.sandbox.model import Mode, Sandbox, SandboxSpec, State
 from moorage.state import records
 from moorage.util import codec
+from moorage.util.crash import crashpoint
 from moorage.util.fs import remove_tree
 from moorage.util.idmap import IdMapping, map_id
 
@@ -249,6 +250,7 @@ class SandboxManager:
         try:
             async with self._lock(sb.id):
                 await self._save(sb)
+                crashpoint("sandbox.run.recorded")
                 try:
                     await self._create(sb)
                 except BaseException as e:
@@ -271,6 +273,7 @@ class SandboxManager:
         # 1 and 2 at once (independent; a failure of either undoes both, see _together):
         # the pod cgroup, recorded before anything else, and the namespaces.
         await _together(self._make_cgroup(sb), self._pin(sb, want))
+        crashpoint("sandbox.run.namespaces_pinned")
         # The pod's root owns its /dev/shm and files (host root is nobody in the pod), and
         # runc, in the pod's user namespace, must be able to walk into run_dir.
         owner = self.pod_root(sb)
@@ -282,6 +285,7 @@ class SandboxManager:
         await _together(asyncio.to_thread(self._make_run_dir, sb, run_dir, owner), network)
         # 5. hostname, hosts, resolv.conf (the hosts file names the pod's IPs).
         await asyncio.to_thread(_write_pod_files, sb, run_dir, owner)
+        crashpoint("sandbox.run.files_written")
         # 6. The infra process, only where containers share the pod's PID namespace.
         if spec.pid == Mode.POD:
             # In a child cgroup: on cgroup v2 a cgroup holding processes cannot enable
@@ -294,8 +298,10 @@ class SandboxManager:
             )
             sb.infra_start_time = namespaces.process_start_time(sb.infra_pid)
             await self._save(sb)
+            crashpoint("sandbox.run.infra_started")
         sb.state = State.READY
         await self._save(sb)
+        crashpoint("sandbox.run.ready")
 
     async def _make_cgroup(self, sb: Sandbox) -> None:
         """The pod cgroup (kubelet usually made it; what is missing is created, recorded)."""
@@ -309,6 +315,7 @@ class SandboxManager:
         shared = cgroups.pod_cgroup_path("", self.cgroup_driver)  # type: ignore[arg-type]
         sb.cgroup_created = [str(p) for p in created if not str(p).endswith(shared)]
         await self._save(sb)
+        crashpoint("sandbox.run.cgroup_made")
         if spec.resources is not None:
             await asyncio.to_thread(pod_cgroup.apply, spec.resources)
 
@@ -370,6 +377,7 @@ class SandboxManager:
             bandwidth=spec.bandwidth, cgroup_parent=sb.cgroup_path,
         ))
         sb.ips = list(result.ips)
+        crashpoint("sandbox.run.network_attached")
 
     @staticmethod
     def pod_root(sb: Sandbox) -> tuple[int, int] | None:
@@ -447,6 +455,7 @@ class SandboxManager:
         log_ = _log.bind(pod_sandbox_id=sb.id)
         for hook in self.on_stop:
             await hook(sb.id, remove)
+        crashpoint("sandbox.stop.containers_stopped")
         if sb.infra_pid is not None:
             await namespaces.stop_infra(sb.infra_pid, sb.infra_start_time)
             sb.infra_pid = sb.infra_start_time = None
@@ -460,6 +469,7 @@ class SandboxManager:
             try:
                 await self.cni.detach(sb.id, pinned.net)
                 sb.network_attached = False
+                crashpoint("sandbox.stop.network_detached")
             except MoorageError as e:
                 # Retried on the next stop or remove; a pod is never left unremovable.
                 # On remove: released at the next start (_release_orphan_networks).
@@ -473,6 +483,7 @@ class SandboxManager:
         if sb.shm_path or sb.spec.ipc != Mode.NODE:
             await asyncio.to_thread(files.unmount, Path(sb.shm_path or run_dir / "shm"))
         await namespaces.unpin(pinned)
+        crashpoint("sandbox.stop.unpinned")
         if not remove:
             if sb.state != State.NOTREADY:
                 sb.state = State.NOTREADY
@@ -491,7 +502,9 @@ class SandboxManager:
                 await asyncio.to_thread(self._pod_slice(sb).remove)
             except MoorageError as e:
                 log_.warning("sandbox.cgroup_remove_failed", error=e.message)
+        crashpoint("sandbox.remove.cgroups_removed")
         await asyncio.to_thread(remove_tree, Path(sb.files_dir or run_dir))
+        crashpoint("sandbox.remove.files_removed")
         await asyncio.to_thread(
             (self.paths.records / f"{sb.id}.json").unlink, missing_ok=True
         )
@@ -523,6 +536,9 @@ class SandboxManager:
             self._by_key[sb.spec.key] = sb.id
             try:
                 await self._reconcile(sb)
+                # A ready pod whose RunPodSandbox answer an earlier daemon may never have
+                # sent: kubelet's retry with the same name gets it (once).
+                sb.delivered = sb.state != State.READY
             except Exception as e:
                 # The daemon starts all the same: the pod stays listed (not ready), and its
                 # removal, or the next start, tries again.

@@ -18,6 +18,7 @@ from google.protobuf.message import Message
 
 from moorage import log, metrics
 from moorage.errors import MoorageError
+from moorage.util.fs import NO_SPACE
 
 _log = log.get("moorage.cri")
 Req = TypeVar("Req", bound=Message)
@@ -94,12 +95,23 @@ async def _call(method: str, request: Message, context: Ctx) -> AsyncIterator[No
         message = bounded(e.message)
         _finish(method, ids, start, _code(e), message)
         await context.abort(_code(e), message)
+    except OSError as e:
+        if e.errno not in NO_SPACE:
+            await _internal(method, ids, start, context, e)
+        # A full disk anywhere (a record, a bundle, a blob): the node's problem, not a bug.
+        message = bounded(f"{method}: the disk is full: {e}")
+        _finish(method, ids, start, grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
     except Exception as e:
-        _log.exception("cri.internal_error", method=method, **ids)
-        _finish(method, ids, start, grpc.StatusCode.INTERNAL, repr(e))
-        await context.abort(grpc.StatusCode.INTERNAL,
-                            bounded(f"{method}: internal error: {e!r}"))
+        await _internal(method, ids, start, context, e)
     _finish(method, ids, start, grpc.StatusCode.OK)
+
+
+async def _internal(method: str, ids: dict[str, str], start: float, context: Ctx,
+                    e: Exception) -> None:
+    _log.exception("cri.internal_error", method=method, **ids)
+    _finish(method, ids, start, grpc.StatusCode.INTERNAL, repr(e))
+    await context.abort(grpc.StatusCode.INTERNAL, bounded(f"{method}: internal error: {e!r}"))
 
 
 def unary(

@@ -15,6 +15,9 @@ from typing import TYPE_CHECKING, NamedTuple
 if TYPE_CHECKING:
     from pathlib import Path
 
+#: The errnos of a full disk (or quota): RESOURCE_EXHAUSTED to a caller, never INTERNAL.
+NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+
 
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -70,8 +73,13 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 def _scan(dir_fd: int, visit: Callable[[int, str, os.stat_result], None]) -> list[str]:
     """Call ``visit`` for every entry of the open directory; return its subdirectories."""
+    entries = []
     with os.scandir(dir_fd) as it:
-        entries = [(e.name, e.stat(follow_symlinks=False)) for e in it]
+        for e in it:
+            try:
+                entries.append((e.name, e.stat(follow_symlinks=False)))
+            except FileNotFoundError:  # removed since the listing: nothing to visit
+                continue
     subdirs = []
     for name, st in entries:
         visit(dir_fd, name, st)
@@ -197,9 +205,25 @@ def tree_usage(path: Path) -> tuple[int, int]:
         inodes += 1
         used += st.st_blocks * 512
 
-    with contextlib.suppress(FileNotFoundError):
-        walk_tree(path, visit)
+    for attempt in range(_USAGE_TRIES):
+        seen.clear()
+        used = inodes = 0
+        try:
+            walk_tree(path, visit)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            # A directory moved while it was walked (a container's layer going to the
+            # trash during ImageFsInfo): count again.
+            if e.errno != errno.ESTALE or attempt == _USAGE_TRIES - 1:
+                raise
+            continue
+        break
     return used, inodes
+
+
+#: How often a usage count starts again when the tree changed under it.
+_USAGE_TRIES = 5
 
 
 class FsUsage(NamedTuple):

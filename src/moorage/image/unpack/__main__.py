@@ -206,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _emit({"error": str(e)})
         return EXIT_REFUSED
     except OSError as e:
-        _emit({"error": str(e)})
+        _emit({"error": str(e), "errno": e.errno})
         return EXIT_FAILED
     except Exception as e:
         _report_crash(e)
