@@ -77,8 +77,10 @@ def websocket_ports(granted: tuple[int, ...], query: list[str]) -> list[int]:
 
 
 async def pump(sock: socket.socket, inbound: Reader, outbound: Writer) -> None:
-    """Copy ``inbound`` to the socket and the socket to ``outbound`` until the target closes
-    (or fails). The client's half-close shuts the socket's sending side down."""
+    """Copy ``inbound`` to the socket and the socket to ``outbound`` until the target closes;
+    OSError when reading from the target fails (a reset), which the caller reports on the
+    error stream, as kubelet's own server does. The client's half-close shuts the socket's
+    sending side down."""
     loop = asyncio.get_running_loop()
 
     async def up() -> None:
@@ -93,8 +95,7 @@ async def pump(sock: socket.socket, inbound: Reader, outbound: Writer) -> None:
 
     sending = asyncio.ensure_future(up())
     try:
-        with contextlib.suppress(ConnectionError):
-            await down()
+        await down()
     finally:
         sending.cancel()
         with contextlib.suppress(BaseException):

@@ -341,7 +341,7 @@ func portForward() {
 			go func() { data, _ := io.ReadAll(es); errc <- data }()
 			ds.Write([]byte(*request))
 			ds.Close()
-			body, _ := io.ReadAll(ds)
+			body, readErr := io.ReadAll(ds)
 			// The digest covers what follows an HTTP header block: headers such as Date
 			// differ between connections made in different seconds.
 			payload := body
@@ -357,6 +357,9 @@ func portForward() {
 			select {
 			case e := <-errc:
 				res.Error = string(e)
+				if readErr != nil {
+					res.Error += fmt.Sprintf("(data stream: %v)", readErr)
+				}
 			case <-time.After(10 * time.Second):
 				res.Error = "(error stream not closed)"
 			}
