@@ -504,6 +504,26 @@ def test_v2_create_enables_controllers_in_ancestors(v2: FakeCgroupfs) -> None:
     assert cg.dirs() == [root / "kubepods/burstable/pod1"]
 
 
+def test_v2_a_slice_systemd_made_gets_the_controllers_systemd_leaves_out(
+        v2: FakeCgroupfs) -> None:
+    """systemd enables only the controllers it manages below its slices: hugetlb stays
+    unavailable to a pod slice it started until its ancestors enable it."""
+    root = v2.root
+    (root / "cgroup.subtree_control").write_text("cpuset cpu io memory pids\n")
+    for d in ("kubepods.slice", "kubepods.slice/kubepods-burstable.slice",
+              "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1.slice"):
+        (root / d).mkdir()  # the fake's mkdir: controllers from the parent
+        (root / d / "cgroup.subtree_control").write_text("cpuset cpu io memory pids\n")
+    cg = PodCgroup(v2.layout(), cgroups.systemd_slice_path("kubepods-burstable-pod1.slice"))
+    pod = root / "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1.slice"
+    assert "hugetlb" not in read(pod / "cgroup.controllers")
+    cg.enable_controllers()
+    assert v2.writes == [("cgroup.subtree_control", "+hugetlb")] * 3
+    assert "hugetlb" in read(pod / "cgroup.controllers").split()
+    # the pod slice's own subtree_control is left to runc
+    assert "hugetlb" not in read(pod / "cgroup.subtree_control")
+
+
 def test_v2_create_twice_creates_nothing(v2: FakeCgroupfs) -> None:
     cg = PodCgroup(v2.layout(), "/kubepods/pod1")
     assert len(cg.create()) == 2

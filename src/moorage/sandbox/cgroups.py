@@ -664,6 +664,16 @@ class PodCgroup:
                 raise FailedPrecondition(f"create cgroup {current}: {e.strerror}") from None
             created.append(current)
 
+    def enable_controllers(self) -> None:
+        """v2: each ancestor of the pod cgroup enables in its ``cgroup.subtree_control`` the
+        controllers its children can use, as :meth:`create` does for the cgroups it makes
+        (for a slice systemd made, which enables only the controllers it manages itself)."""
+        if self.layout.version != 2:
+            return
+        assert self.layout.unified is not None
+        for directory in self._ancestry(self.layout.unified)[:-1]:
+            self._enable_controllers(directory)
+
     def _ancestry(self, point: Path) -> list[Path]:
         """``point`` and every directory down to the pod cgroup, top first."""
         out = [point]
@@ -891,6 +901,10 @@ class PodSlice:
             props += systemd_properties(res)
         with systemd.Manager() as manager:
             manager.start_transient_unit(self.name, props)
+        # systemd enables in the ancestors only the controllers it manages; hugetlb too, as
+        # kubelet's libcontainer does for the slices it makes, so that the pod's and its
+        # containers' hugepage limits can be applied.
+        self.cgroup.enable_controllers()
         if res is not None:
             self.cgroup.apply(res)
 
