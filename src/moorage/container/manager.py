@@ -51,7 +51,7 @@ from moorage.sandbox.manager import SandboxManager
 from moorage.sandbox.model import Mode, Sandbox
 from moorage.sandbox.model import State as SandboxState
 from moorage.state import records
-from moorage.state.published import Published
+from moorage.state.published import Published, get_by_id
 from moorage.storage.overlay import ContainerStorage, check_image_sub_path
 from moorage.util import codec, idmap
 from moorage.util.fs import (
@@ -765,39 +765,26 @@ class ContainerManager:
 def get_in(containers: Mapping[str, Container], id_or_prefix: str) -> Container:
     """The container of an id or unique id prefix among ``containers`` (live ones, or the
     published copies); one still being built is unknown."""
-    if not id_or_prefix:
-        raise InvalidArgument("container_id is required")
-    c = containers.get(id_or_prefix)
-    if c is not None and c.state != State.CREATING:
-        return c
-    matches = [c for i, c in containers.items()
-               if i.startswith(id_or_prefix) and c.state != State.CREATING]
-    if len(matches) == 1:
-        return matches[0]
-    if len(matches) > 1:
-        raise InvalidArgument(f"container_id: prefix {id_or_prefix!r} is ambiguous")
-    raise NotFound(f"container {id_or_prefix!r} not found")
+    return get_by_id(containers, id_or_prefix, visible=_visible, field="container_id",
+                     what="container", required="container_id is required")
 
 
 def select_in(containers: Mapping[str, Container], flt: ContainerFilter | None = None
               ) -> list[Container]:
     """The containers of ``containers`` that ``flt`` selects (all when None), in order;
     never one still being built."""
-    out = []
-    for c in containers.values():
-        if c.state == State.CREATING:
-            continue
-        if flt is not None:
-            if flt.id and not c.id.startswith(flt.id):
-                continue
-            if flt.state is not None and c.state != flt.state:
-                continue
-            if flt.sandbox_id and not c.sandbox_id.startswith(flt.sandbox_id):
-                continue
-            if any(c.spec.labels.get(k) != v for k, v in flt.labels.items()):
-                continue
-        out.append(c)
-    return out
+    return [c for c in containers.values() if _visible(c) and (flt is None or _selects(flt, c))]
+
+
+def _visible(c: Container) -> bool:
+    return c.state != State.CREATING
+
+
+def _selects(flt: ContainerFilter, c: Container) -> bool:
+    return ((not flt.id or c.id.startswith(flt.id))
+            and (flt.state is None or c.state == flt.state)
+            and (not flt.sandbox_id or c.sandbox_id.startswith(flt.sandbox_id))
+            and all(c.spec.labels.get(k) == v for k, v in flt.labels.items()))
 
 
 def _log_path(log_directory: str, log_path: str) -> str:

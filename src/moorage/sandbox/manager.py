@@ -32,7 +32,7 @@ from moorage.network import AttachRequest, CNIManager
 from moorage.sandbox import cgroups, files, namespaces, userns
 from moorage.sandbox.model import Mode, Sandbox, SandboxSpec, State
 from moorage.state import records
-from moorage.state.published import Published
+from moorage.state.published import Published, get_by_id
 from moorage.util import codec
 from moorage.util.fs import remove_tree
 from moorage.util.idmap import IdMapping, map_id
@@ -521,37 +521,26 @@ class SandboxManager:
 def get_in(sandboxes: Mapping[str, Sandbox], id_or_prefix: str) -> Sandbox:
     """The sandbox of an id or unique id prefix among ``sandboxes`` (live ones, or the
     published copies); one still being built is unknown."""
-    if not id_or_prefix:
-        raise InvalidArgument("pod_sandbox_id: an id is required")
-    sb = sandboxes.get(id_or_prefix)
-    if sb is not None and sb.state != State.CREATING:
-        return sb
-    matches = [s for i, s in sandboxes.items()
-               if i.startswith(id_or_prefix) and s.state != State.CREATING]
-    if len(matches) == 1:
-        return matches[0]
-    if len(matches) > 1:
-        raise InvalidArgument(f"pod_sandbox_id: prefix {id_or_prefix!r} is ambiguous")
-    raise NotFound(f"pod sandbox {id_or_prefix!r} not found")
+    return get_by_id(sandboxes, id_or_prefix, visible=_visible, field="pod_sandbox_id",
+                     what="pod sandbox", required="pod_sandbox_id: an id is required")
 
 
 def select_in(sandboxes: Mapping[str, Sandbox], flt: SandboxFilter | None = None
               ) -> list[Sandbox]:
     """The sandboxes of ``sandboxes`` that ``flt`` selects (all when None), in order;
     never one still being built."""
-    out = []
-    for sb in sandboxes.values():
-        if sb.state == State.CREATING:
-            continue
-        if flt is not None:
-            if flt.id and not sb.id.startswith(flt.id):
-                continue
-            if flt.state is not None and sb.state != flt.state:
-                continue
-            if any(sb.spec.labels.get(k) != v for k, v in flt.labels.items()):
-                continue
-        out.append(sb)
-    return out
+    return [sb for sb in sandboxes.values()
+            if _visible(sb) and (flt is None or _selects(flt, sb))]
+
+
+def _visible(sb: Sandbox) -> bool:
+    return sb.state != State.CREATING
+
+
+def _selects(flt: SandboxFilter, sb: Sandbox) -> bool:
+    return ((not flt.id or sb.id.startswith(flt.id))
+            and (flt.state is None or sb.state == flt.state)
+            and all(sb.spec.labels.get(k) == v for k, v in flt.labels.items()))
 
 
 def mapped_root(uids: Sequence[IdMapping], gids: Sequence[IdMapping]) -> tuple[int, int]:

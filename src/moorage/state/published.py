@@ -16,9 +16,11 @@ the whole mapping) and know that nothing in it changed.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 from typing import Generic, Protocol, TypeVar
+
+from moorage.errors import InvalidArgument, NotFound
 
 
 class _HasId(Protocol):
@@ -50,3 +52,22 @@ class Published(Generic[T]):
     def reset(self, objs: Iterable[T]) -> None:
         """Publish exactly ``objs`` (copies), dropping every other."""
         self.items = MappingProxyType({o.id: o for o in objs})
+
+
+def get_by_id(objs: Mapping[str, T], id_or_prefix: str, *, visible: Callable[[T], bool],
+              field: str, what: str, required: str) -> T:
+    """The visible object of ``objs`` (live ones, or published copies) whose id is
+    ``id_or_prefix`` or the only one that starts with it. InvalidArgument (``required``
+    when it is empty, naming ``field`` when the prefix is ambiguous), else NotFound naming
+    ``what``."""
+    if not id_or_prefix:
+        raise InvalidArgument(required)
+    obj = objs.get(id_or_prefix)
+    if obj is not None and visible(obj):
+        return obj
+    matches = [o for i, o in objs.items() if i.startswith(id_or_prefix) and visible(o)]
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        raise InvalidArgument(f"{field}: prefix {id_or_prefix!r} is ambiguous")
+    raise NotFound(f"{what} {id_or_prefix!r} not found")
