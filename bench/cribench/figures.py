@@ -7,6 +7,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import json
+import multiprocessing
 import os
 import random
 import secrets
@@ -21,10 +22,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from bench.cribench.node import Node
-from bench.cribench.runtimes import RUNC, Containerd, Runtime
+from bench.cribench.runtimes import RUNC, Containerd, Runtime, channel_to
 from bench.cribench.stats import Report
 from bench.monitor_memory import ConmonMode, rollup, run_mode
 from moorage.cri.v1 import api_pb2 as pb
+from moorage.cri.v1 import api_pb2_grpc as pb_grpc
 from moorage.image.unpacker import unpack_layer
 
 T = TypeVar("T")
@@ -389,22 +391,15 @@ class Bench:
         for r in range(s.relist_rounds):
             for rt in interleaved(self.runtimes, r):
                 self._remove_image(rt, self.node.images.big)
-                stop = threading.Event()
-                samples: list[float] = []
                 errors: list[BaseException] = []
-
-                def relister(rt: Runtime = rt, stop: threading.Event = stop,
-                             samples: list[float] = samples,
-                             errors: list[BaseException] = errors) -> None:
-                    seen: dict[str, tuple[int, ...]] = {}
-                    try:
-                        while not stop.is_set():
-                            t0 = time.perf_counter()
-                            seen = _relist(rt, seen)
-                            samples.append(ms(t0))
-                            stop.wait(max(0.0, s.relist_period - (time.perf_counter() - t0)))
-                    except BaseException as e:
-                        errors.append(e)
+                # kubelet is a process of its own: so is the relist here (in a thread of
+                # this process it would wait for this process's interpreter lock, held by
+                # the pod workers' threads).
+                ctx = multiprocessing.get_context("spawn")
+                stop = ctx.Event()
+                results, sender = ctx.Pipe(duplex=False)
+                lister = ctx.Process(target=_relister, daemon=True, args=(
+                    str(rt.address), s.relist_period, stop, sender))
 
                 def pod_sync(k: int, rt: Runtime = rt) -> tuple[str, float]:
                     t0 = time.perf_counter()
@@ -416,19 +411,24 @@ class Bench:
                     return pod, ms(t0)
 
                 puller = threading.Thread(target=self._pull_big, args=(rt, errors), daemon=True)
-                lister = threading.Thread(target=relister, daemon=True)
                 lister.start()
-                time.sleep(2 * s.relist_period)  # a quiet relist or two first
+                first = results.recv()  # the relister is connected and has relisted once
+                if isinstance(first, str):
+                    lister.join()
+                    raise RuntimeError(f"{rt.name}: the relist failed: {first}")
                 puller.start()
                 with concurrent.futures.ThreadPoolExecutor(s.relist_pods) as ex:
                     started = list(ex.map(pod_sync, range(s.relist_pods)))
                 puller.join()
                 stop.set()
+                samples = results.recv()
                 lister.join()
                 try:
                     if errors:
                         raise errors[0]
-                    for v in samples:
+                    if isinstance(samples, str):
+                        raise RuntimeError(f"{rt.name}: the relist failed: {samples}")
+                    for v in [first, *samples]:
                         relists.add(rt.name, v)
                     for _, t in started:
                         sync.add(rt.name, t)
@@ -588,14 +588,15 @@ class Bench:
                  f"{total_pss} KiB PSS, {total_rss} KiB RSS; {len(infra)} infra processes")
 
 
-def _relist(rt: Runtime, seen: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+def _relist(stub: pb_grpc.RuntimeServiceStub, seen: dict[str, tuple[int, ...]]
+            ) -> dict[str, tuple[int, ...]]:
     """One relist of kubelet's generic PLEG: both lists unfiltered, then, for each pod whose
     sandbox or containers changed since ``seen``, what kubelet's GetPodStatus asks (its pod
     sandboxes by uid label, their status, its containers by uid label, each one's status).
     Returns the states seen, for the next relist."""
     uid_label = "io.kubernetes.pod.uid"
-    pods = rt.rt.ListPodSandbox(pb.ListPodSandboxRequest(), timeout=TIMEOUT).items
-    ctrs = rt.rt.ListContainers(pb.ListContainersRequest(filter=pb.ContainerFilter()),
+    pods = stub.ListPodSandbox(pb.ListPodSandboxRequest(), timeout=TIMEOUT).items
+    ctrs = stub.ListContainers(pb.ListContainersRequest(filter=pb.ContainerFilter()),
                                 timeout=TIMEOUT).containers
     now: dict[str, tuple[int, ...]] = {}
     for p in pods:
@@ -605,14 +606,37 @@ def _relist(rt: Runtime, seen: dict[str, tuple[int, ...]]) -> dict[str, tuple[in
         if seen.get(uid) == states:
             continue
         selector = {uid_label: uid}
-        for p in rt.rt.ListPodSandbox(pb.ListPodSandboxRequest(
+        for p in stub.ListPodSandbox(pb.ListPodSandboxRequest(
                 filter=pb.PodSandboxFilter(label_selector=selector)), timeout=TIMEOUT).items:
-            rt.rt.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=p.id),
+            stub.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=p.id),
                                    timeout=TIMEOUT)
-        for c in rt.rt.ListContainers(pb.ListContainersRequest(
+        for c in stub.ListContainers(pb.ListContainersRequest(
                 filter=pb.ContainerFilter(label_selector=selector)), timeout=TIMEOUT).containers:
-            rt.rt.ContainerStatus(pb.ContainerStatusRequest(container_id=c.id), timeout=TIMEOUT)
+            stub.ContainerStatus(pb.ContainerStatusRequest(container_id=c.id), timeout=TIMEOUT)
     return now
+
+
+def _relister(address: str, period: float, stop: Any, results: Any) -> None:
+    """A process (as kubelet is one) that relists every ``period`` seconds until ``stop``
+    is set, then sends the durations (ms), or what went wrong, through ``results``; the
+    first relist's duration is sent at once."""
+    channel = channel_to(Path(address))
+    stub = pb_grpc.RuntimeServiceStub(channel)
+    try:
+        t0 = time.perf_counter()
+        seen = _relist(stub, {})
+        results.send(ms(t0))
+        samples: list[float] = []
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            seen = _relist(stub, seen)
+            samples.append(ms(t0))
+            stop.wait(max(0.0, period - (time.perf_counter() - t0)))
+        results.send(samples)
+    except Exception as e:
+        results.send(repr(e))
+    finally:
+        channel.close()
 
 
 def _ppid(pid: int) -> int:
