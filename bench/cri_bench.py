@@ -1,7 +1,8 @@
 """CRI benchmark: moorage against a reference runtime (containerd's CRI plugin) on one machine.
 
     sudo .venv/bin/python -m bench.cri_bench [--quick] [--json out.json]
-         [--runtimes moorage,containerd] [--figures pod,container,exec,list,parallel,pull,memory]
+         [--runtimes moorage,containerd]
+         [--figures pod,container,exec,list,relist,parallel,pull,memory]
          [--profile DIR]
 
 Sets up a node network namespace, a CNI bridge config, a loopback registry with a busybox,
@@ -26,7 +27,7 @@ from bench.cribench.node import Node, ensure_packages, machine
 from bench.cribench.runtimes import RUNTIMES, Moorage, Runtime
 from bench.cribench.stats import Report
 
-FIGURES = ("pod", "container", "exec", "list", "parallel", "pull", "memory")
+FIGURES = ("pod", "container", "exec", "list", "relist", "parallel", "pull", "memory")
 T0 = time.monotonic()
 
 
@@ -104,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
             "exec": ("ExecSync", bench.exec_sync),
             "list": ("List/Status scaling (and during a pull)",
                      lambda: bench.list_status(with_pull="pull" in figures or not args.quick)),
+            "relist": ("kubelet's relist while pods start and a pull runs",
+                       bench.relist_under_load),
             "parallel": (f"{sizes.parallel_pods} pods in parallel", bench.parallel_pods),
             "pull": ("pull and unpack", bench.pull),
             "memory": ("memory with running containers", bench.memory_loaded),

@@ -7,6 +7,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import json
+import multiprocessing
 import os
 import random
 import secrets
@@ -21,10 +22,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from bench.cribench.node import Node
-from bench.cribench.runtimes import RUNC, Containerd, Runtime
+from bench.cribench.runtimes import RUNC, Containerd, Runtime, channel_to
 from bench.cribench.stats import Report
 from bench.monitor_memory import ConmonMode, rollup, run_mode
 from moorage.cri.v1 import api_pb2 as pb
+from moorage.cri.v1 import api_pb2_grpc as pb_grpc
 from moorage.image.unpacker import unpack_layer
 
 T = TypeVar("T")
@@ -45,6 +47,9 @@ class Sizes:
     list_samples: int = 300
     parallel_pods: int = 50
     parallel_rounds: int = 3
+    relist_pods: int = 10
+    relist_rounds: int = 4
+    relist_period: float = 0.1
     pulls: int = 3
     memory_pods: int = 50  # two containers each
     settle: float = 3.0
@@ -52,7 +57,8 @@ class Sizes:
     @classmethod
     def quick(cls) -> Sizes:
         return cls(warmup=1, lifecycle=5, exec_sync=20, list_levels=(10, 50), list_samples=40,
-                   parallel_pods=10, parallel_rounds=1, pulls=1, memory_pods=5, settle=1.0)
+                   parallel_pods=10, parallel_rounds=1, relist_pods=5, relist_rounds=1,
+                   pulls=1, memory_pods=5, settle=1.0)
 
 
 def ms(t0: float) -> float:
@@ -109,13 +115,17 @@ class Bench:
                     seccomp=pb.SecurityProfile(profile_type=pb.SecurityProfile.Unconfined))),
         )
 
-    def container_config(self, rt: Runtime, name: str, cmd: list[str]) -> pb.ContainerConfig:
+    def container_config(self, rt: Runtime, name: str, cmd: list[str],
+                         pod: pb.PodSandboxConfig | None = None) -> pb.ContainerConfig:
         ns = pb.NamespaceOption(network=pb.POD, pid=pb.CONTAINER, ipc=pb.POD)
+        labels = {"io.kubernetes.container.name": name}
+        if pod is not None:  # kubelet labels a container with its pod's name and uid
+            labels.update(pod.labels)
         return pb.ContainerConfig(
             metadata=pb.ContainerMetadata(name=name),
             image=pb.ImageSpec(image=self.image_ref[rt.name]),
             command=cmd, log_path=f"{name}/0.log",
-            labels={"io.kubernetes.container.name": name},
+            labels=labels,
             linux=pb.LinuxContainerConfig(
                 resources=pb.LinuxContainerResources(cpu_period=100000, cpu_shares=2,
                                                      oom_score_adj=1000),
@@ -132,7 +142,7 @@ class Bench:
     def create(self, rt: Runtime, pod: str, cfg: pb.PodSandboxConfig, name: str,
                cmd: list[str] = SERVE) -> str:
         req = pb.CreateContainerRequest(pod_sandbox_id=pod, sandbox_config=cfg,
-                                        config=self.container_config(rt, name, cmd))
+                                        config=self.container_config(rt, name, cmd, cfg))
         return str(rt.rt.CreateContainer(req, timeout=TIMEOUT).container_id)
 
     def start(self, rt: Runtime, cid: str) -> None:
@@ -366,6 +376,73 @@ class Bench:
                     per_pod.add(rt.name, t)
                 self.remove_pods(rt, [p for p, _ in results])
 
+    def relist_under_load(self) -> None:
+        """kubelet's PLEG relist (its exact calls) while ``relist_pods`` pods start at once
+        and a cold pull of the big image runs; and each pod's sync as a pod worker sees it."""
+        s = self.sizes
+        g = (f"relist while {s.relist_pods} pods x 2 containers start and the big image "
+             "is pulled")
+        relists = self.report.figure(
+            g, "relist (kubelet's sequence)",
+            note=f"every {s.relist_period:g} s: ListPodSandbox, ListContainers, then for "
+            "each pod that changed ListPodSandbox (uid label), PodSandboxStatus, "
+            "ListContainers (uid label), ContainerStatus of each container")
+        sync = self.report.figure(g, "pod sync: RunPodSandbox to 2nd StartContainer")
+        for r in range(s.relist_rounds):
+            for rt in interleaved(self.runtimes, r):
+                self._remove_image(rt, self.node.images.big)
+                errors: list[BaseException] = []
+                # kubelet is a process of its own: so is the relist here (in a thread of
+                # this process it would wait for this process's interpreter lock, held by
+                # the pod workers' threads).
+                ctx = multiprocessing.get_context("spawn")
+                stop = ctx.Event()
+                results, sender = ctx.Pipe(duplex=False)
+                lister = ctx.Process(target=_relister, daemon=True, args=(
+                    str(rt.address), s.relist_period, stop, sender))
+
+                def pod_sync(k: int, rt: Runtime = rt) -> tuple[str, float]:
+                    t0 = time.perf_counter()
+                    pod, cfg = self.run_pod(rt, f"relist{k}")
+                    for name in ("app", "sidecar"):
+                        rt.img.ImageStatus(pb.ImageStatusRequest(
+                            image=pb.ImageSpec(image=self.image_ref[rt.name])), timeout=TIMEOUT)
+                        self.start(rt, self.create(rt, pod, cfg, name))
+                    return pod, ms(t0)
+
+                puller = threading.Thread(target=self._pull_big, args=(rt, errors), daemon=True)
+                lister.start()
+                first = results.recv()  # the relister is connected and has relisted once
+                if isinstance(first, str):
+                    lister.join()
+                    raise RuntimeError(f"{rt.name}: the relist failed: {first}")
+                puller.start()
+                with concurrent.futures.ThreadPoolExecutor(s.relist_pods) as ex:
+                    started = list(ex.map(pod_sync, range(s.relist_pods)))
+                puller.join()
+                stop.set()
+                samples = results.recv()
+                lister.join()
+                try:
+                    if errors:
+                        raise errors[0]
+                    if isinstance(samples, str):
+                        raise RuntimeError(f"{rt.name}: the relist failed: {samples}")
+                    for v in [first, *samples]:
+                        relists.add(rt.name, v)
+                    for _, t in started:
+                        sync.add(rt.name, t)
+                finally:
+                    self.remove_pods(rt, [p for p, _ in started])
+                    self._remove_image(rt, self.node.images.big)
+
+    def _pull_big(self, rt: Runtime, errors: list[BaseException]) -> None:
+        try:
+            rt.img.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=self.node.images.big)),
+                             timeout=TIMEOUT)
+        except BaseException as e:
+            errors.append(e)
+
     # ------------------------------------------------------------------ images
 
     def _remove_image(self, rt: Runtime, ref: str) -> None:
@@ -509,6 +586,57 @@ class Bench:
             rt.name, sum(infra) / len(pods))
         self.log(f"  {rt.name}: {len(monitors)} monitor processes for {n} containers, "
                  f"{total_pss} KiB PSS, {total_rss} KiB RSS; {len(infra)} infra processes")
+
+
+def _relist(stub: pb_grpc.RuntimeServiceStub, seen: dict[str, tuple[int, ...]]
+            ) -> dict[str, tuple[int, ...]]:
+    """One relist of kubelet's generic PLEG: both lists unfiltered, then, for each pod whose
+    sandbox or containers changed since ``seen``, what kubelet's GetPodStatus asks (its pod
+    sandboxes by uid label, their status, its containers by uid label, each one's status).
+    Returns the states seen, for the next relist."""
+    uid_label = "io.kubernetes.pod.uid"
+    pods = stub.ListPodSandbox(pb.ListPodSandboxRequest(), timeout=TIMEOUT).items
+    ctrs = stub.ListContainers(pb.ListContainersRequest(filter=pb.ContainerFilter()),
+                                timeout=TIMEOUT).containers
+    now: dict[str, tuple[int, ...]] = {}
+    for p in pods:
+        now[p.labels.get(uid_label, p.id)] = (p.state, *sorted(
+            c.state for c in ctrs if c.pod_sandbox_id == p.id))
+    for uid, states in now.items():
+        if seen.get(uid) == states:
+            continue
+        selector = {uid_label: uid}
+        for p in stub.ListPodSandbox(pb.ListPodSandboxRequest(
+                filter=pb.PodSandboxFilter(label_selector=selector)), timeout=TIMEOUT).items:
+            stub.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=p.id),
+                                   timeout=TIMEOUT)
+        for c in stub.ListContainers(pb.ListContainersRequest(
+                filter=pb.ContainerFilter(label_selector=selector)), timeout=TIMEOUT).containers:
+            stub.ContainerStatus(pb.ContainerStatusRequest(container_id=c.id), timeout=TIMEOUT)
+    return now
+
+
+def _relister(address: str, period: float, stop: Any, results: Any) -> None:
+    """A process (as kubelet is one) that relists every ``period`` seconds until ``stop``
+    is set, then sends the durations (ms), or what went wrong, through ``results``; the
+    first relist's duration is sent at once."""
+    channel = channel_to(Path(address))
+    stub = pb_grpc.RuntimeServiceStub(channel)
+    try:
+        t0 = time.perf_counter()
+        seen = _relist(stub, {})
+        results.send(ms(t0))
+        samples: list[float] = []
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            seen = _relist(stub, seen)
+            samples.append(ms(t0))
+            stop.wait(max(0.0, period - (time.perf_counter() - t0)))
+        results.send(samples)
+    except Exception as e:
+        results.send(repr(e))
+    finally:
+        channel.close()
 
 
 def _ppid(pid: int) -> int:

@@ -44,6 +44,8 @@ class Runtime:
         self.node = node
         self.base = node.base / self.name
         self.channel: grpc.Channel | None = None
+        #: The runtime's socket, once started (for clients in other processes).
+        self.address = Path()
         self.rt: pb_grpc.RuntimeServiceStub
         self.img: pb_grpc.ImageServiceStub
 
@@ -54,6 +56,7 @@ class Runtime:
         raise NotImplementedError
 
     def _connect(self, socket: Path) -> None:
+        self.address = socket
         self.channel = channel_to(socket)
         self.rt = pb_grpc.RuntimeServiceStub(self.channel)
         self.img = pb_grpc.ImageServiceStub(self.channel)

@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import stat
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from moorage.container import apparmor, cdi, seccomp
 from moorage.container.manager import ContainerManager
 from moorage.container.manager import Paths as ContainerPaths
 from moorage.container.spec import SpecOptions
-from moorage.cri.v1 import api_pb2_grpc as pb_grpc
+from moorage.cri.v1 import api_pb2 as pb
 from moorage.errors import MoorageError
 from moorage.events import ContainerEvent, EventBroadcaster, watch_containers
 from moorage.image import registries
@@ -37,6 +38,8 @@ from moorage.network import CNIManager
 from moorage.oci.runtime import OciRuntime
 from moorage.sandbox import cgroups
 from moorage.sandbox.manager import Paths, SandboxManager
+from moorage.server import rpc
+from moorage.server.front import Front
 from moorage.server.image import ImageService
 from moorage.server.runtime import RuntimeService
 from moorage.storage import container_fs_usage
@@ -133,6 +136,7 @@ class Daemon:
         self._reload = reload
         self._tasks: list[asyncio.Task[None]] = []
         self.server: grpc.aio.Server | None = None
+        self.front: Front | None = None
         self.metrics_server: metrics.MetricsServer | None = None
         self.events = EventBroadcaster[ContainerEvent](on_lost=metrics.record_events_lost)
         self._lock_fd = -1
@@ -243,26 +247,37 @@ class Daemon:
         except (OSError, ValueError) as e:
             raise StartError(f"streaming server on {cfg.api.stream_address}:"
                              f"{cfg.api.stream_port}: {e}") from e
-        server = grpc.aio.server(options=[
-            ("grpc.max_receive_message_length", cfg.api.grpc_max_recv_msg_size),
-            ("grpc.max_send_message_length", cfg.api.grpc_max_send_msg_size),
-        ])
         self.runtime_service = RuntimeService(cfg.runtime.cgroup_manager, self.info,
                                               self.sandboxes, self.containers,
                                               list(cfg.runtimes), self.events,
                                               self.streaming)
-        pb_grpc.add_RuntimeServiceServicer_to_server(self.runtime_service, server)
-        pb_grpc.add_ImageServiceServicer_to_server(
-            ImageService(self.store, self.puller, container_fs), server)
-        old_umask = os.umask(0o777 & ~cfg.api.socket_mode)
-        try:
-            if server.add_insecure_port(f"unix:{listen}") == 0:
-                raise StartError(f"cannot listen on {listen}")
-            await server.start()
-        finally:
-            os.umask(old_umask)
+        handlers = (
+            rpc.generic_handler(self.runtime_service, pb.DESCRIPTOR.services_by_name[
+                "RuntimeService"], asyncio.get_running_loop()),
+            rpc.generic_handler(ImageService(self.store, self.puller, container_fs),
+                                pb.DESCRIPTOR.services_by_name["ImageService"],
+                                asyncio.get_running_loop()),
+        )
+
+        async def serve() -> grpc.aio.Server:  # on the front's loop
+            server = grpc.aio.server(options=[
+                ("grpc.max_receive_message_length", cfg.api.grpc_max_recv_msg_size),
+                ("grpc.max_send_message_length", cfg.api.grpc_max_send_msg_size),
+            ])
+            server.add_generic_rpc_handlers(handlers)
+            old_umask = os.umask(0o777 & ~cfg.api.socket_mode)
+            try:
+                if server.add_insecure_port(f"unix:{listen}") == 0:
+                    raise StartError(f"cannot listen on {listen}")
+                await server.start()
+            finally:
+                os.umask(old_umask)
+            return server
+
+        self.front = Front()
+        self.front.start()
+        self.server = await self.front.run(serve())
         os.chmod(listen, cfg.api.socket_mode)
-        self.server = server
         if cfg.metrics.enable:
             self.metrics_server = metrics.MetricsServer(cfg.metrics.host, cfg.metrics.port)
             try:
@@ -394,8 +409,10 @@ class Daemon:
         self.events.close()  # ends GetContainerEvents streams, so the grace is not waited out
         if self.metrics_server is not None:
             await self.metrics_server.stop()
-        if self.server is not None:
-            await self.server.stop(grace=5)
+        if self.front is not None:
+            if self.server is not None:
+                await self.front.run(self.server.stop(grace=5))
+            self.front.stop()
         with contextlib.suppress(AttributeError):
             await self.streaming.stop()  # ends every session, killing its exec
         with contextlib.suppress(AttributeError):
@@ -432,6 +449,14 @@ async def wipe(cfg: config.Config, images: bool) -> tuple[int, int, int]:
         await d.stop()
 
 
+#: How long a thread may hold the interpreter lock while another waits for it (Python's
+#: default: 5 ms). The gRPC thread (``server/front.py``) needs it a few times per call;
+#: while the event loop or a worker thread computes, each of those waits would be up to
+#: this long.
+SWITCH_INTERVAL = 0.001
+
+
 def run(cfg: config.Config, reload: Callable[[], config.Config] | None = None) -> None:
     log.setup(cfg.log_level, cfg.log_format)
+    sys.setswitchinterval(SWITCH_INTERVAL)
     asyncio.run(Daemon(cfg, reload).serve())

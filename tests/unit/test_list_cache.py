@@ -1,6 +1,9 @@
-"""The cached List answers (server/msgcache.py) of real container and sandbox managers: the
-same response while nothing changed, a new one after any change that shows in it, filters
-applied as before. Objects are put in the managers' tables directly, as a create would."""
+"""The read path's answers (server/msgcache.py) over real container and sandbox managers:
+what readers see is what the managers last saved (published copies, state/published.py),
+never an object half-way through a change; the same serialized answer while nothing was
+saved, a new one after any saved change that shows in it; filters applied as before.
+Objects are put in the managers' tables and saved (records in a temp dir), as a create
+would."""
 
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from moorage.container.manager import Paths as ContainerPaths
 from moorage.container.model import Container, ContainerSpec, ImageView
 from moorage.container.model import State as CState
 from moorage.cri.v1 import api_pb2 as pb
+from moorage.errors import NotFound
 from moorage.image import registries
 from moorage.image.store import ImageStore
 from moorage.monitor.client import MonitorClient
@@ -43,7 +47,8 @@ class Rpcs(SandboxRpcs, ContainerRpcs):
 
 class Context:
     async def abort(self, code: Any, message: str) -> None:
-        raise AssertionError(f"{code}: {message}")
+        raise NotFound(message) if code.name == "NOT_FOUND" else AssertionError(
+            f"{code}: {message}")
 
 
 @pytest.fixture
@@ -62,20 +67,23 @@ def rpcs(tmp_path: Path) -> Rpcs:
         runtimes={"runc": OciRuntime("runc", "runc", tmp_path / "runc")},
         spec_options=specgen.SpecOptions(), cdi_registry=cdi.Registry([tmp_path / "cdi"]),
         memory_cgroup_root=None, log_max_line=16384)
+    for d in (tmp_path / "sandboxes", tmp_path / "containers"):
+        d.mkdir()
     return Rpcs(sandboxes, containers)
 
 
-def add_pod(r: Rpcs, name: str, **labels: str) -> Sandbox:
+async def add_pod(r: Rpcs, name: str, **labels: str) -> Sandbox:
     sb = Sandbox(id=f"{name}-{'0' * 60}", created_at=time.time_ns(), runtime_handler="runc",
                  spec=SandboxSpec(name=name, namespace="ns", uid=f"uid-{name}", attempt=0,
                                   labels=dict(labels), annotations={"note": name}),
                  state=SState.READY)
     r.sandboxes._sandboxes[sb.id] = sb
+    await r.sandboxes._save(sb)
     return sb
 
 
-def add_container(r: Rpcs, sb: Sandbox, name: str, state: CState = CState.RUNNING,
-                  **labels: str) -> Container:
+async def add_container(r: Rpcs, sb: Sandbox, name: str, state: CState = CState.RUNNING,
+                        **labels: str) -> Container:
     image = ImageView(id="sha256:" + "a" * 64, ref="sha256:" + "a" * 64, name="busybox:1",
                       config={}, layers=())
     c = Container(id=f"{name}-{'1' * 60}", sandbox_id=sb.id, created_at=time.time_ns(),
@@ -83,22 +91,43 @@ def add_container(r: Rpcs, sb: Sandbox, name: str, state: CState = CState.RUNNIN
                   spec=ContainerSpec(name=name, attempt=0, image="busybox:1",
                                      labels=dict(labels), annotations={"a": name}))
     r.containers._containers[c.id] = c
+    await r.containers._save(c)
     return c
 
 
-async def containers(r: Rpcs, flt: pb.ContainerFilter | None = None
-                     ) -> pb.ListContainersResponse:
+async def containers_raw(r: Rpcs, flt: pb.ContainerFilter | None = None) -> bytes:
     req = pb.ListContainersRequest(filter=flt) if flt is not None else pb.ListContainersRequest()
     return await r.ListContainers(req, Context())  # type: ignore[arg-type]
 
 
-async def pods(r: Rpcs, flt: pb.PodSandboxFilter | None = None) -> pb.ListPodSandboxResponse:
+async def containers(r: Rpcs, flt: pb.ContainerFilter | None = None
+                     ) -> pb.ListContainersResponse:
+    return pb.ListContainersResponse.FromString(await containers_raw(r, flt))
+
+
+async def pods_raw(r: Rpcs, flt: pb.PodSandboxFilter | None = None) -> bytes:
     req = pb.ListPodSandboxRequest(filter=flt) if flt is not None else pb.ListPodSandboxRequest()
     return await r.ListPodSandbox(req, Context())  # type: ignore[arg-type]
 
 
+async def pods(r: Rpcs, flt: pb.PodSandboxFilter | None = None) -> pb.ListPodSandboxResponse:
+    return pb.ListPodSandboxResponse.FromString(await pods_raw(r, flt))
+
+
+async def container_status(r: Rpcs, cid: str) -> pb.ContainerStatusResponse:
+    raw = await r.ContainerStatus(pb.ContainerStatusRequest(container_id=cid),
+                                  Context())  # type: ignore[arg-type]
+    return pb.ContainerStatusResponse.FromString(raw)
+
+
+async def pod_status(r: Rpcs, pod_id: str) -> pb.PodSandboxStatusResponse:
+    raw = await r.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=pod_id),
+                                   Context())  # type: ignore[arg-type]
+    return pb.PodSandboxStatusResponse.FromString(raw)
+
+
 def fresh_containers(r: Rpcs) -> pb.ListContainersResponse:
-    """What an uncached ListContainers answers."""
+    """What an uncached ListContainers of the live objects answers."""
     return pb.ListContainersResponse(
         containers=[csrv.to_container(c) for c in r.containers.select()])
 
@@ -108,39 +137,56 @@ def fresh_pods(r: Rpcs) -> pb.ListPodSandboxResponse:
 
 
 async def test_unchanged_list_is_reused_and_exact(rpcs: Rpcs) -> None:
-    sb = add_pod(rpcs, "p1", app="web")
+    sb = await add_pod(rpcs, "p1", app="web")
     for i in range(5):
-        add_container(rpcs, sb, f"c{i}", role="db" if i % 2 else "web")
-    first = await containers(rpcs)
-    assert first == fresh_containers(rpcs) and len(first.containers) == 5
-    assert await containers(rpcs) is first
+        await add_container(rpcs, sb, f"c{i}", role="db" if i % 2 else "web")
+    first = await containers_raw(rpcs)
+    assert pb.ListContainersResponse.FromString(first) == fresh_containers(rpcs)
+    assert len(fresh_containers(rpcs).containers) == 5
+    assert await containers_raw(rpcs) is first
     # kubelet's relist sends an empty filter: the same answer
-    assert await containers(rpcs, pb.ContainerFilter()) is first
-    listed = await pods(rpcs)
-    assert listed == fresh_pods(rpcs) and await pods(rpcs, pb.PodSandboxFilter()) is listed
+    assert await containers_raw(rpcs, pb.ContainerFilter()) is first
+    listed = await pods_raw(rpcs)
+    assert pb.ListPodSandboxResponse.FromString(listed) == fresh_pods(rpcs)
+    assert await pods_raw(rpcs, pb.PodSandboxFilter()) is listed
 
 
-async def test_state_change_shows(rpcs: Rpcs) -> None:
-    sb = add_pod(rpcs, "p1")
-    c = add_container(rpcs, sb, "c0", state=CState.CREATED)
-    before = await containers(rpcs)
-    assert before.containers[0].state == pb.CONTAINER_CREATED
+async def test_a_change_shows_once_saved(rpcs: Rpcs) -> None:
+    sb = await add_pod(rpcs, "p1")
+    c = await add_container(rpcs, sb, "c0", state=CState.CREATED)
+    before = await containers_raw(rpcs)
+    assert (await containers(rpcs)).containers[0].state == pb.CONTAINER_CREATED
+    # Half-way through a change (as an exit is recorded, field by field): readers still
+    # see the last saved container, whole.
     c.state = CState.EXITED
+    assert await containers_raw(rpcs) is before
+    status = (await container_status(rpcs, c.id)).status
+    assert (status.state, status.exit_code) == (pb.CONTAINER_CREATED, 0)
+    c.exit_code, c.finished_at, c.reason = 3, time.time_ns(), "Error"
+    await rpcs.containers._save(c)
     after = await containers(rpcs)
-    assert after is not before and after == fresh_containers(rpcs)
+    assert after == fresh_containers(rpcs)
     assert after.containers[0].state == pb.CONTAINER_EXITED
+    status = (await container_status(rpcs, c.id)).status
+    assert (status.state, status.exit_code, status.reason) == (pb.CONTAINER_EXITED, 3, "Error")
+    assert status == csrv.to_status(c)
     sb.state = SState.NOTREADY
+    assert (await pods(rpcs)).items[0].state == pb.SANDBOX_READY
+    await rpcs.sandboxes._save(sb)
     listed = await pods(rpcs)
     assert listed.items[0].state == pb.SANDBOX_NOTREADY and listed == fresh_pods(rpcs)
+    assert (await pod_status(rpcs, sb.id)).status == ssrv.to_status(sb)
 
 
 async def test_label_change_shows(rpcs: Rpcs) -> None:
-    sb = add_pod(rpcs, "p1", app="web")
-    c = add_container(rpcs, sb, "c0", role="web")
+    sb = await add_pod(rpcs, "p1", app="web")
+    c = await add_container(rpcs, sb, "c0", role="web")
     await containers(rpcs)
     await pods(rpcs)
     c.spec = replace(c.spec, labels={"role": "db"}, annotations={"a": "changed"})
     sb.spec = replace(sb.spec, labels={"app": "api"})
+    await rpcs.containers._save(c)
+    await rpcs.sandboxes._save(sb)
     listed = (await containers(rpcs)).containers[0]
     assert dict(listed.labels) == {"role": "db"} and dict(listed.annotations) == {"a": "changed"}
     assert dict((await pods(rpcs)).items[0].labels) == {"app": "api"}
@@ -152,28 +198,34 @@ async def test_label_change_shows(rpcs: Rpcs) -> None:
 
 
 async def test_add_and_remove_show(rpcs: Rpcs) -> None:
-    sb = add_pod(rpcs, "p1")
-    a = add_container(rpcs, sb, "a")
+    sb = await add_pod(rpcs, "p1")
+    a = await add_container(rpcs, sb, "a")
     await containers(rpcs)
-    b = add_container(rpcs, sb, "b")
+    b = await add_container(rpcs, sb, "b")
     assert [x.id for x in (await containers(rpcs)).containers] == [a.id, b.id]
     del rpcs.containers._containers[a.id]
+    rpcs.containers._published.drop(a.id)
     assert [x.id for x in (await containers(rpcs)).containers] == [b.id]
-    # a container being created is never listed
-    add_container(rpcs, sb, "creating", state=CState.CREATING)
+    with pytest.raises(NotFound):
+        await container_status(rpcs, a.id)
+    # a container being created is never listed, nor its status given
+    creating = await add_container(rpcs, sb, "creating", state=CState.CREATING)
     assert [x.id for x in (await containers(rpcs)).containers] == [b.id]
-    sb2 = add_pod(rpcs, "p2")
+    with pytest.raises(NotFound):
+        await container_status(rpcs, creating.id)
+    sb2 = await add_pod(rpcs, "p2")
     assert [x.id for x in (await pods(rpcs)).items] == [sb.id, sb2.id]
     del rpcs.sandboxes._sandboxes[sb.id]
+    rpcs.sandboxes._published.drop(sb.id)
     assert [x.id for x in (await pods(rpcs)).items] == [sb2.id]
     assert await pods(rpcs) == fresh_pods(rpcs)
 
 
 async def test_filters_still_apply(rpcs: Rpcs) -> None:
-    p1, p2 = add_pod(rpcs, "p1", app="web"), add_pod(rpcs, "p2", app="db")
-    running = add_container(rpcs, p1, "run", role="web")
-    exited = add_container(rpcs, p1, "exit", state=CState.EXITED, role="web")
-    other = add_container(rpcs, p2, "other", role="db")
+    p1, p2 = await add_pod(rpcs, "p1", app="web"), await add_pod(rpcs, "p2", app="db")
+    running = await add_container(rpcs, p1, "run", role="web")
+    exited = await add_container(rpcs, p1, "exit", state=CState.EXITED, role="web")
+    other = await add_container(rpcs, p2, "other", role="db")
     await containers(rpcs)  # fills the cache
 
     async def ids(flt: pb.ContainerFilter) -> list[str]:
@@ -189,6 +241,7 @@ async def test_filters_still_apply(rpcs: Rpcs) -> None:
     flt = pb.ContainerFilter(pod_sandbox_id=p2.id)
     assert list((await containers(rpcs, flt)).containers) == [by_id[other.id]]
     exited.state = CState.RUNNING
+    await rpcs.containers._save(exited)
     assert await ids(pb.ContainerFilter(
         state=pb.ContainerStateValue(state=pb.CONTAINER_RUNNING))) == [
         running.id, exited.id, other.id]
@@ -198,16 +251,36 @@ async def test_filters_still_apply(rpcs: Rpcs) -> None:
 
     assert await pod_ids(pb.PodSandboxFilter(label_selector={"app": "db"})) == [p2.id]
     p2.state = SState.NOTREADY
+    await rpcs.sandboxes._save(p2)
     assert await pod_ids(pb.PodSandboxFilter(
         state=pb.PodSandboxStateValue(state=pb.SANDBOX_READY))) == [p1.id]
     assert await pod_ids(pb.PodSandboxFilter(id=p2.id)) == [p2.id]
 
 
 async def test_stream_lists_use_the_same_messages(rpcs: Rpcs) -> None:
-    sb = add_pod(rpcs, "p1")
+    sb = await add_pod(rpcs, "p1")
     for i in range(3):
-        add_container(rpcs, sb, f"c{i}")
-    streamed = [x async for x in rpcs.StreamContainers(
+        await add_container(rpcs, sb, f"c{i}")
+    streamed = [pb.StreamContainersResponse.FromString(x) async for x in rpcs.StreamContainers(
         pb.StreamContainersRequest(), Context())]  # type: ignore[arg-type]
     assert [c for batch in streamed for c in batch.containers] == list(
         fresh_containers(rpcs).containers)
+    streamed_pods = [pb.StreamPodSandboxesResponse.FromString(x)
+                     async for x in rpcs.StreamPodSandboxes(
+                         pb.StreamPodSandboxesRequest(), Context())]  # type: ignore[arg-type]
+    assert [p for batch in streamed_pods for p in batch.pod_sandboxes] == list(
+        fresh_pods(rpcs).items)
+
+
+async def test_published_copies_never_change(rpcs: Rpcs) -> None:
+    sb = await add_pod(rpcs, "p1")
+    c = await add_container(rpcs, sb, "c0")
+    published = rpcs.containers.published()
+    copy = published[c.id]
+    assert copy is not c and copy == c
+    c.user["uid"] = 5  # an in-place change of a mutable field of the live object
+    c.state = CState.EXITED
+    assert copy.user == {} and copy.state == CState.RUNNING
+    await rpcs.containers._save(c)
+    assert rpcs.containers.published() is not published  # replaced, not modified
+    assert published[c.id] is copy and rpcs.containers.published()[c.id].user == {"uid": 5}

@@ -9,14 +9,16 @@ from typing import Any, cast
 
 import pytest
 
-from moorage.container.manager import ContainerFilter, ContainerManager
+from moorage.container.manager import ContainerFilter, ContainerManager, get_in, select_in
 from moorage.container.model import Container, ContainerSpec, ImageView
 from moorage.container.model import State as CState
 from moorage.cri.v1 import api_pb2 as pb
-from moorage.errors import InvalidArgument, NotFound
+from moorage.errors import NotFound
 from moorage.events import ContainerEvent, EventBroadcaster
 from moorage.sandbox.cgroups import Layout, Resources
 from moorage.sandbox.manager import SandboxFilter, SandboxManager
+from moorage.sandbox.manager import get_in as sandbox_get_in
+from moorage.sandbox.manager import select_in as sandbox_select_in
 from moorage.sandbox.model import Sandbox, SandboxSpec
 from moorage.sandbox.model import State as SState
 from moorage.sandbox.namespaces import PinnedNamespaces
@@ -73,27 +75,10 @@ class FakeContainers:
         return c
 
     def select(self, flt: ContainerFilter | None = None) -> list[Container]:
-        out = []
-        for c in self.items.values():
-            if c.state == CState.CREATING:
-                continue
-            if flt is not None:
-                if flt.id and not c.id.startswith(flt.id):
-                    continue
-                if flt.sandbox_id and not c.sandbox_id.startswith(flt.sandbox_id):
-                    continue
-                if any(c.spec.labels.get(k) != v for k, v in flt.labels.items()):
-                    continue
-            out.append(c)
-        return out
+        return select_in(self.items, flt)
 
     def get(self, cid: str) -> Container:
-        if not cid:
-            raise InvalidArgument("container_id is required")
-        found = [c for c in self.select() if c.id.startswith(cid)]
-        if len(found) != 1:
-            raise NotFound(f"container {cid!r} not found")
-        return found[0]
+        return get_in(self.items, cid)
 
     def state_dir(self, c: Container) -> Path:
         return self.storage.root / "run" / c.id
@@ -113,21 +98,10 @@ class FakeSandboxes:
         return sb
 
     def select(self, flt: SandboxFilter | None = None) -> list[Sandbox]:
-        out = []
-        for sb in self.items.values():
-            if flt is not None:
-                if flt.id and not sb.id.startswith(flt.id):
-                    continue
-                if any(sb.spec.labels.get(k) != v for k, v in flt.labels.items()):
-                    continue
-            out.append(sb)
-        return out
+        return sandbox_select_in(self.items, flt)
 
     def get(self, sid: str) -> Sandbox:
-        found = [sb for sb in self.items.values() if sb.id.startswith(sid)]
-        if not sid or len(found) != 1:
-            raise NotFound(f"pod sandbox {sid!r} not found")
-        return found[0]
+        return sandbox_get_in(self.items, sid)
 
     def find(self, sid: str) -> Sandbox | None:
         try:

@@ -57,8 +57,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from moorage import log
 from moorage.container.spec import mount_depth
 from moorage.errors import InvalidArgument
@@ -92,8 +90,6 @@ _VENDOR_OR_CLASS = re.compile(r"[A-Za-z]([A-Za-z0-9_.-]*[A-Za-z0-9])?")
 _DEVICE_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9_.:-]*[A-Za-z0-9])?")
 _PERMISSIONS = re.compile(r"[rwm]*")
 _MAX_ID = 2**32 - 1
-#: libyaml's safe loader where PyYAML was built with it (the pure one otherwise).
-_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 # -- the model ------------------------------------------------------------------------------------
@@ -349,10 +345,22 @@ def parse_spec(data: bytes, path: str) -> Spec:
         raise InvalidArgument(f"CDI spec {path}: {e}") from None
 
 
+def _load_yaml(data: bytes) -> Any:
+    """YAML with libyaml's safe loader where PyYAML was built with it (the pure one
+    otherwise); ValueError if it is not YAML. PyYAML is imported here, on nodes that have
+    a YAML spec, rather than by every daemon."""
+    import yaml
+
+    try:
+        return yaml.load(data, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    except yaml.YAMLError as e:
+        raise ValueError(str(e) or type(e).__name__) from None
+
+
 def _parse(data: bytes, path: str) -> Spec:
     try:
-        raw = json.loads(data) if path.endswith(".json") else yaml.load(data, Loader=_YAML_LOADER)
-    except (ValueError, yaml.YAMLError) as e:
+        raw = json.loads(data) if path.endswith(".json") else _load_yaml(data)
+    except ValueError as e:
         raise _Invalid(f"not valid {'JSON' if path.endswith('.json') else 'YAML'}: "
                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     f = _fields(raw, "spec", ("cdiVersion", "kind", "annotations", "devices",

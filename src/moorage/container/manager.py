@@ -7,6 +7,7 @@ the monitor (its exit file, awaited through a pidfd), so they are right even whe
 happen while the daemon is down.
 
 Reads are served from memory; each container's mutations are serialised by its own lock.
+What is saved is also published (``state.published``) for the CRI read path's thread.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import os
 import secrets
 import signal
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,7 @@ from moorage.sandbox.manager import SandboxManager
 from moorage.sandbox.model import Mode, Sandbox
 from moorage.sandbox.model import State as SandboxState
 from moorage.state import records
+from moorage.state.published import Published, get_by_id
 from moorage.storage.overlay import ContainerStorage, check_image_sub_path
 from moorage.util import codec, idmap
 from moorage.util.crash import crashpoint
@@ -109,6 +111,7 @@ class ContainerManager:
         self.spec_options = spec_options
         self.memory_cgroup_root = memory_cgroup_root
         self._containers: dict[str, Container] = {}
+        self._published = Published[Container]()
         self._by_key: dict[str, str] = {}
         self._building: dict[str, asyncio.Task[Container]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -133,18 +136,7 @@ class ContainerManager:
     # -- reads ---------------------------------------------------------------------------
 
     def get(self, id_or_prefix: str) -> Container:
-        if not id_or_prefix:
-            raise InvalidArgument("container_id is required")
-        c = self._containers.get(id_or_prefix)
-        if c is not None and c.state != State.CREATING:
-            return c
-        matches = [c for i, c in self._containers.items()
-                   if i.startswith(id_or_prefix) and c.state != State.CREATING]
-        if len(matches) == 1:
-            return matches[0]
-        if len(matches) > 1:
-            raise InvalidArgument(f"container_id: prefix {id_or_prefix!r} is ambiguous")
-        raise NotFound(f"container {id_or_prefix!r} not found")
+        return get_in(self._containers, id_or_prefix)
 
     def find(self, id_or_prefix: str) -> Container | None:
         try:
@@ -153,21 +145,14 @@ class ContainerManager:
             return None
 
     def select(self, flt: ContainerFilter | None = None) -> list[Container]:
-        out = []
-        for c in self._containers.values():
-            if c.state == State.CREATING:
-                continue
-            if flt is not None:
-                if flt.id and not c.id.startswith(flt.id):
-                    continue
-                if flt.state is not None and c.state != flt.state:
-                    continue
-                if flt.sandbox_id and not c.sandbox_id.startswith(flt.sandbox_id):
-                    continue
-                if any(c.spec.labels.get(k) != v for k, v in flt.labels.items()):
-                    continue
-            out.append(c)
-        return out
+        return select_in(self._containers, flt)
+
+    def published(self) -> Mapping[str, Container]:
+        """Every container as last saved, by id, for readers on other threads (the CRI
+        read path): copies that never change, in a mapping that is replaced, never
+        modified (``state.published``). Read them with :func:`get_in` and
+        :func:`select_in`."""
+        return self._published.items
 
     def layers_in_use(self) -> set[str]:
         """The layers of every container's image and image volumes (never collected)."""
@@ -188,8 +173,10 @@ class ContainerManager:
         return self._locks.setdefault(container_id, asyncio.Lock())
 
     def _save(self, c: Container) -> Awaitable[None]:
-        # Snapshot here, encode in the thread: changes to c after this call stay out.
+        # Snapshot here, encode in the thread: changes to c after this call stay out. The
+        # same copy is what readers on other threads see from now on.
         snap = codec.snapshot(c)
+        self._published.put(snap)
         return asyncio.to_thread(
             records.writer(self.paths.records / f"{c.id}.json", KIND, lambda: _record(snap))
         )
@@ -677,6 +664,7 @@ class ContainerManager:
         self._empty_trash_soon()
         self._released.pop(c.id, None)
         self._containers.pop(c.id, None)
+        self._published.drop(c.id)
         for key, cid in list(self._by_key.items()):
             if cid == c.id:
                 del self._by_key[key]
@@ -776,6 +764,7 @@ class ContainerManager:
                 await asyncio.to_thread(path.unlink, missing_ok=True)
                 continue
             self._containers[c.id] = c
+            self._published.put(codec.snapshot(c))
             self._by_key[_key(c, self.sandboxes)] = c.id
             try:
                 await self._reconcile(c)
@@ -809,7 +798,6 @@ class ContainerManager:
                 c.message = "the container's monitor is gone (node rebooted?)"
                 await self._save(c)
 
-
     async def _adopt_start(self, c: Container) -> None:
         """A container recorded as created that the runtime says runs: the daemon died
         between ``runtime start`` and saving the record. It is running (since about now:
@@ -820,6 +808,31 @@ class ContainerManager:
             c.state, c.started_at = State.RUNNING, time.time_ns()
             await self._save(c)
             _log.info("container.recover_started", container_id=c.id)
+
+
+def get_in(containers: Mapping[str, Container], id_or_prefix: str) -> Container:
+    """The container of an id or unique id prefix among ``containers`` (live ones, or the
+    published copies); one still being built is unknown."""
+    return get_by_id(containers, id_or_prefix, visible=_visible, field="container_id",
+                     what="container", required="container_id is required")
+
+
+def select_in(containers: Mapping[str, Container], flt: ContainerFilter | None = None
+              ) -> list[Container]:
+    """The containers of ``containers`` that ``flt`` selects (all when None), in order;
+    never one still being built."""
+    return [c for c in containers.values() if _visible(c) and (flt is None or _selects(flt, c))]
+
+
+def _visible(c: Container) -> bool:
+    return c.state != State.CREATING
+
+
+def _selects(flt: ContainerFilter, c: Container) -> bool:
+    return ((not flt.id or c.id.startswith(flt.id))
+            and (flt.state is None or c.state == flt.state)
+            and (not flt.sandbox_id or c.sandbox_id.startswith(flt.sandbox_id))
+            and all(c.spec.labels.get(k) == v for k, v in flt.labels.items()))
 
 
 def _log_path(log_directory: str, log_path: str) -> str:

@@ -25,13 +25,17 @@ import binascii
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
-
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from typing import TYPE_CHECKING, Any
 
 from moorage.util.codec import unique_keys
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+    PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey
+
+# cryptography (its Rust library, ~8 MiB of the daemon's memory) is imported by the
+# functions that verify, only on nodes whose policy asks for signatures.
 
 SIGNATURE_MEDIA_TYPE = "application/vnd.dev.cosign.simplesigning.v1+json"
 SIGNATURE_ANNOTATION = "dev.cosignproject.cosign/signature"
@@ -42,8 +46,6 @@ MAX_PAYLOAD_SIZE = 4 * 1024 * 1024
 #: Most layers of one attachment manifest looked at; a registry cannot make a pull
 #: download signatures without end.
 MAX_ATTACHMENTS = 64
-
-PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey
 
 
 class SignatureError(ValueError):
@@ -112,6 +114,10 @@ class Payload:
 def load_public_key(pem: bytes) -> PublicKey:
     """A PEM public key (``-----BEGIN PUBLIC KEY-----``, as ``cosign generate-key-pair``
     writes); ValueError saying why it is unusable."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
     try:
         key = serialization.load_pem_public_key(pem)
     except (ValueError, TypeError, UnsupportedAlgorithm) as e:
@@ -124,6 +130,10 @@ def load_public_key(pem: bytes) -> PublicKey:
 
 
 def _verifies(key: PublicKey, signature: bytes, payload: bytes) -> bool:
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+
     try:
         if isinstance(key, ec.EllipticCurvePublicKey):
             key.verify(signature, payload, ec.ECDSA(hashes.SHA256()))

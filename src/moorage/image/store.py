@@ -14,7 +14,8 @@ interrupted pull never leaves a half image visible. Layers are shared by diff_id
 images and removed by :meth:`ImageStore.collect` once no image uses them.
 
 Reads (ListImages, ImageStatus) are served from memory; mutations are serialised by one
-lock and their file work runs in a thread.
+lock and their file work runs in a thread. Every change is published (``state.published``)
+for the CRI read path's thread.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,8 @@ from moorage.image import reference as refs
 from moorage.image import registries
 from moorage.image.manifest import ImageConfig, parse_config
 from moorage.state import records
+from moorage.state.published import Published
+from moorage.util import codec
 from moorage.util.crash import crashpoint
 from moorage.util.fs import FsUsage, atomic_write, remove_tree, tree_usage
 
@@ -91,6 +94,7 @@ class ImageStore:
         self.registries_conf = registries_conf
         self.lock = asyncio.Lock()
         self._images: dict[str, Image] = {}
+        self._published = Published[Image]()
         self._layers: dict[str, LayerInfo] = {}
         #: diff_ids that a pull in progress relies on: never collected meanwhile.
         self.holds: dict[str, int] = {}
@@ -128,6 +132,7 @@ class ImageStore:
                 path.unlink(missing_ok=True)
                 continue
             self._images[image.id] = image
+        self._publish()
         # Unused layers are collected by the daemon's call to collect(), once the
         # containers (which may use layers of removed images) are loaded too.
 
@@ -164,30 +169,16 @@ class ImageStore:
 
     def find(self, name: str) -> Image | None:
         """An image by id, id prefix, tag, digest reference or short name; None if absent."""
-        name = name.strip()
-        if not name:
-            raise InvalidArgument("image.image: an image reference or id is required")
-        bare = name.removeprefix("sha256:")
-        if len(bare) == 64 and _HEX.match(bare):
-            image = self._images.get("sha256:" + bare)
-            if image is not None:
-                return image
-        for ref in self._references(name):
-            text = str(ref)
-            for image in self._images.values():
-                if text in image.repo_tags or text in image.repo_digests:
-                    return image
-        if _HEX.match(bare) and (name.startswith("sha256:") or len(bare) >= 3):
-            matches = [i for i in self._images.values() if _hex(i.id).startswith(bare)]
-            if len(matches) == 1:
-                return matches[0]
-        return None
+        return find_in(self._images, self.registries_conf, name)
 
-    def _references(self, name: str) -> list[refs.Reference]:
-        try:
-            return registries.candidates(self.registries_conf, name)
-        except InvalidArgument:
-            return []
+    def published(self) -> Mapping[str, Image]:
+        """Every image as last recorded, by id, for readers on other threads (the CRI read
+        path): copies that never change, in a mapping that is replaced, never modified
+        (``state.published``). Look names up with :func:`find_in`."""
+        return self._published.items
+
+    def _publish(self) -> None:
+        self._published.reset(codec.snapshot(i) for i in self._images.values())
 
     # -- writes --------------------------------------------------------------------------
 
@@ -252,6 +243,7 @@ class ImageStore:
 
             await asyncio.to_thread(work)
             self._images[image_id] = image
+            self._publish()
             return image
 
     def _write_record(self, image: Image) -> None:
@@ -268,11 +260,11 @@ class ImageStore:
                 return None
             bare = name.removeprefix("sha256:")
             by_id = _HEX.match(bare) is not None and _hex(image.id).startswith(bare) and not (
-                any(str(r) in image.repo_tags for r in self._references(name))
+                any(str(r) in image.repo_tags for r in _references(self.registries_conf, name))
             )
             tags, digests = list(image.repo_tags), list(image.repo_digests)
             if not by_id:
-                for ref in self._references(name):
+                for ref in _references(self.registries_conf, name):
                     text = str(ref)
                     if text in tags:
                         tags.remove(text)
@@ -293,15 +285,17 @@ class ImageStore:
                     "remove the container first"
                 )
             image.repo_tags, image.repo_digests = tags, digests
-            if gone:
-                del self._images[image.id]
-                await asyncio.to_thread(
-                    lambda: (self.records / f"{_hex(image.id)}.json").unlink(missing_ok=True)
-                )
-                crashpoint("image.remove.record_removed")
-                await asyncio.to_thread(self._collect_sync, set(self.holds))
-            else:
+            if not gone:
+                self._publish()
                 await asyncio.to_thread(self._write_record, image)
+                return image
+            del self._images[image.id]
+            self._publish()
+            await asyncio.to_thread(
+                lambda: (self.records / f"{_hex(image.id)}.json").unlink(missing_ok=True)
+            )
+            crashpoint("image.remove.record_removed")
+            await asyncio.to_thread(self._collect_sync, set(self.holds))
             return image
 
     async def collect(self) -> None:
@@ -346,6 +340,38 @@ class ImageStore:
             used += b
             inodes += n
         return FsUsage(str(self.root), used, inodes, time.time_ns())
+
+
+def find_in(images: Mapping[str, Image], conf: registries.RegistriesConfig, name: str
+            ) -> Image | None:
+    """The image of ``images`` (the store's, or its published copies) that ``name``
+    names: an id, an id prefix, a tag, a digest reference or a short name (resolved with
+    ``conf``); None if absent."""
+    name = name.strip()
+    if not name:
+        raise InvalidArgument("image.image: an image reference or id is required")
+    bare = name.removeprefix("sha256:")
+    if len(bare) == 64 and _HEX.match(bare):
+        image = images.get("sha256:" + bare)
+        if image is not None:
+            return image
+    for ref in _references(conf, name):
+        text = str(ref)
+        for image in images.values():
+            if text in image.repo_tags or text in image.repo_digests:
+                return image
+    if _HEX.match(bare) and (name.startswith("sha256:") or len(bare) >= 3):
+        matches = [i for i in images.values() if _hex(i.id).startswith(bare)]
+        if len(matches) == 1:
+            return matches[0]
+    return None
+
+
+def _references(conf: registries.RegistriesConfig, name: str) -> list[refs.Reference]:
+    try:
+        return registries.candidates(conf, name)
+    except InvalidArgument:
+        return []
 
 
 def _never(image: Image) -> bool:

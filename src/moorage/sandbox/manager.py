@@ -7,6 +7,7 @@ finds and cleans (``State.CREATING``), or reconciles (a ready pod whose namespac
 process vanished, e.g. after a reboot, becomes not ready and is torn down).
 
 Reads are served from memory; each sandbox's mutations are serialised by its own lock.
+What is saved is also published (``state.published``) for the CRI read path's thread.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import os
 import posixpath
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from moorage.network import AttachRequest, CNIManager
 from moorage.sandbox import cgroups, files, namespaces, userns
 from moorage.sandbox.model import Mode, Sandbox, SandboxSpec, State
 from moorage.state import records
+from moorage.state.published import Published, get_by_id
 from moorage.util import codec
 from moorage.util.crash import crashpoint
 from moorage.util.fs import remove_tree
@@ -76,6 +78,7 @@ class SandboxManager:
         self.default_handler = default_handler
         self.infra_command = infra_command
         self._sandboxes: dict[str, Sandbox] = {}
+        self._published = Published[Sandbox]()
         self._by_key: dict[str, str] = {}
         self._building: dict[str, asyncio.Task[Sandbox]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -92,18 +95,7 @@ class SandboxManager:
     # -- reads ---------------------------------------------------------------------------
 
     def get(self, id_or_prefix: str) -> Sandbox:
-        if not id_or_prefix:
-            raise InvalidArgument("pod_sandbox_id: an id is required")
-        sb = self._sandboxes.get(id_or_prefix)
-        if sb is not None and sb.state != State.CREATING:
-            return sb
-        matches = [s for i, s in self._sandboxes.items()
-                   if i.startswith(id_or_prefix) and s.state != State.CREATING]
-        if len(matches) == 1:
-            return matches[0]
-        if len(matches) > 1:
-            raise InvalidArgument(f"pod_sandbox_id: prefix {id_or_prefix!r} is ambiguous")
-        raise NotFound(f"pod sandbox {id_or_prefix!r} not found")
+        return get_in(self._sandboxes, id_or_prefix)
 
     def find(self, id_or_prefix: str) -> Sandbox | None:
         try:
@@ -112,19 +104,13 @@ class SandboxManager:
             return None
 
     def select(self, flt: SandboxFilter | None = None) -> list[Sandbox]:
-        out = []
-        for sb in self._sandboxes.values():
-            if sb.state == State.CREATING:
-                continue
-            if flt is not None:
-                if flt.id and not sb.id.startswith(flt.id):
-                    continue
-                if flt.state is not None and sb.state != flt.state:
-                    continue
-                if any(sb.spec.labels.get(k) != v for k, v in flt.labels.items()):
-                    continue
-            out.append(sb)
-        return out
+        return select_in(self._sandboxes, flt)
+
+    def published(self) -> Mapping[str, Sandbox]:
+        """Every sandbox as last saved, by id, for readers on other threads (the CRI read
+        path): copies that never change, in a mapping that is replaced, never modified
+        (``state.published``). Read them with :func:`get_in` and :func:`select_in`."""
+        return self._published.items
 
     def pinned(self, sb: Sandbox) -> namespaces.PinnedNamespaces:
         """The pinned namespace paths of a sandbox (deterministic from its id and spec)."""
@@ -161,6 +147,7 @@ class SandboxManager:
     def _save(self, sb: Sandbox) -> Awaitable[None]:
         # Snapshot here, encode in the thread: changes to sb after this call stay out.
         snap = codec.snapshot(sb)
+        self._published.put(snap)  # what readers on other threads see from now on
         return asyncio.to_thread(
             records.writer(self.paths.records / f"{sb.id}.json", KIND, snap.record)
         )
@@ -509,6 +496,7 @@ class SandboxManager:
             (self.paths.records / f"{sb.id}.json").unlink, missing_ok=True
         )
         self._sandboxes.pop(sb.id, None)
+        self._published.drop(sb.id)
         if self._by_key.get(sb.spec.key) == sb.id:
             del self._by_key[sb.spec.key]
         self._locks.pop(sb.id, None)
@@ -533,6 +521,7 @@ class SandboxManager:
                 await asyncio.to_thread(path.unlink, missing_ok=True)
                 continue
             self._sandboxes[sb.id] = sb
+            self._published.put(codec.snapshot(sb))
             self._by_key[sb.spec.key] = sb.id
             try:
                 await self._reconcile(sb)
@@ -585,6 +574,31 @@ class SandboxManager:
             sb.infra_pid = sb.infra_start_time = None
             return False
         return True
+
+
+def get_in(sandboxes: Mapping[str, Sandbox], id_or_prefix: str) -> Sandbox:
+    """The sandbox of an id or unique id prefix among ``sandboxes`` (live ones, or the
+    published copies); one still being built is unknown."""
+    return get_by_id(sandboxes, id_or_prefix, visible=_visible, field="pod_sandbox_id",
+                     what="pod sandbox", required="pod_sandbox_id: an id is required")
+
+
+def select_in(sandboxes: Mapping[str, Sandbox], flt: SandboxFilter | None = None
+              ) -> list[Sandbox]:
+    """The sandboxes of ``sandboxes`` that ``flt`` selects (all when None), in order;
+    never one still being built."""
+    return [sb for sb in sandboxes.values()
+            if _visible(sb) and (flt is None or _selects(flt, sb))]
+
+
+def _visible(sb: Sandbox) -> bool:
+    return sb.state != State.CREATING
+
+
+def _selects(flt: SandboxFilter, sb: Sandbox) -> bool:
+    return ((not flt.id or sb.id.startswith(flt.id))
+            and (flt.state is None or sb.state == flt.state)
+            and all(sb.spec.labels.get(k) == v for k, v in flt.labels.items()))
 
 
 def mapped_root(uids: Sequence[IdMapping], gids: Sequence[IdMapping]) -> tuple[int, int]:

@@ -8,7 +8,7 @@ import json
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from moorage.container.manager import ContainerFilter, ContainerManager
+from moorage.container.manager import ContainerFilter, ContainerManager, get_in, select_in
 from moorage.container.model import (
     Container,
     ContainerResources,
@@ -22,8 +22,9 @@ from moorage.container.model import (
 )
 from moorage.cri.v1 import api_pb2 as pb
 from moorage.errors import InvalidArgument
-from moorage.server.msgcache import MessageCache
-from moorage.server.rpc import Ctx, stream, unary
+from moorage.server import wire
+from moorage.server.msgcache import Answers
+from moorage.server.rpc import Ctx, read, read_stream, unary
 from moorage.server.sandbox import (
     ids_from_proto,
     ids_to_proto,
@@ -164,18 +165,6 @@ def to_container(c: Container) -> pb.Container:
     )
 
 
-def _fingerprint(c: Container) -> tuple[Any, ...]:
-    """Every value :func:`to_container` reads (spec and image are frozen: replaced when
-    they change, never modified)."""
-    return (c.id, c.sandbox_id, c.state, c.created_at, c.spec, c.image)
-
-
-def _list_response(items: list[pb.Container]) -> pb.ListContainersResponse:
-    response = pb.ListContainersResponse()
-    response.containers.extend(items)
-    return response
-
-
 def _mounts(c: Container) -> list[pb.Mount]:
     """The CRI mounts as asked; an image volume as CRI-O reports one: the host path
     mounted into the container, read-only, private, and the image by its id (kubelet's
@@ -286,9 +275,12 @@ class ContainerRpcs:
     containers: ContainerManager
 
     @functools.cached_property
-    def _container_messages(self) -> MessageCache[Container, pb.Container,
-                                                  pb.ListContainersResponse]:
-        return MessageCache(to_container, _fingerprint, _list_response)
+    def _container_answers(self) -> Answers[Container]:
+        return Answers(to_container)
+
+    @functools.cached_property
+    def _status_answers(self) -> Answers[Container]:
+        return Answers(to_status)
 
     @unary
     async def CreateContainer(self, request: pb.CreateContainerRequest, context: Ctx
@@ -319,31 +311,30 @@ class ContainerRpcs:
         await self.containers.remove(_required(request.container_id))
         return pb.RemoveContainerResponse()
 
-    @unary
-    async def ListContainers(self, request: pb.ListContainersRequest, context: Ctx
-                             ) -> pb.ListContainersResponse:
+    @read
+    async def ListContainers(self, request: pb.ListContainersRequest, context: Ctx) -> bytes:
         flt = _filter(request.filter if request.HasField("filter") else None)
-        selected = self.containers.select(flt)
-        if flt is None:  # kubelet's relist: the same response while nothing changed
-            return self._container_messages.listing(selected)
-        return _list_response(self._container_messages.messages(selected))
+        items = self.containers.published()
+        if flt is None:  # kubelet's relist: the same answer while nothing changed
+            return self._container_answers.listing(items, 1, select_in)
+        return self._container_answers.repeated(1, select_in(items, flt))
 
-    @stream
+    @read_stream
     async def StreamContainers(self, request: pb.StreamContainersRequest, context: Ctx
-                               ) -> AsyncIterator[pb.StreamContainersResponse]:
+                               ) -> AsyncIterator[bytes]:
         flt = _filter(request.filter if request.HasField("filter") else None)
-        items = self._container_messages.messages(self.containers.select(flt))
-        for start in range(0, len(items), STREAM_BATCH):
-            yield pb.StreamContainersResponse(containers=items[start:start + STREAM_BATCH])
+        selected = select_in(self.containers.published(), flt)
+        for start in range(0, len(selected), STREAM_BATCH):
+            yield self._container_answers.repeated(1, selected[start:start + STREAM_BATCH])
 
-    @unary
-    async def ContainerStatus(self, request: pb.ContainerStatusRequest, context: Ctx
-                              ) -> pb.ContainerStatusResponse:
-        c = self.containers.get(_required(request.container_id))
-        info: dict[str, str] = {}
+    @read
+    async def ContainerStatus(self, request: pb.ContainerStatusRequest, context: Ctx) -> bytes:
+        c = get_in(self.containers.published(), _required(request.container_id))
+        answer = wire.embed(1, self._status_answers.get(c))
         if request.verbose:
-            info["info"] = json.dumps(await asyncio.to_thread(self._verbose, c))
-        return pb.ContainerStatusResponse(status=to_status(c), info=info)
+            info = json.dumps(await asyncio.to_thread(self._verbose, c))
+            answer += pb.ContainerStatusResponse(info={"info": info}).SerializeToString()
+        return answer
 
     def _verbose(self, c: Container) -> dict[str, Any]:
         spec = None

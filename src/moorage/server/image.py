@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 from moorage.cri.v1 import api_pb2 as pb
 from moorage.cri.v1 import api_pb2_grpc as pb_grpc
 from moorage.errors import InvalidArgument
 from moorage.image.credentials import from_auth_config
 from moorage.image.pull import Puller
-from moorage.image.store import Image, ImageStore
-from moorage.server.rpc import Ctx, fill_unimplemented, stream, unary
+from moorage.image.store import Image, ImageStore, find_in
+from moorage.server import wire
+from moorage.server.msgcache import Answers
+from moorage.server.rpc import Ctx, fill_unimplemented, read, read_stream, unary
 from moorage.util.fs import FsUsage
 
 #: Images per StreamImagesResponse: far below any message limit, few messages.
@@ -68,37 +71,44 @@ class ImageService(pb_grpc.ImageServiceServicer):
         self.puller = puller
         self.container_fs = container_fs
 
-    def _list(self, request: pb.ListImagesRequest | pb.StreamImagesRequest) -> list[pb.Image]:
+    @functools.cached_property
+    def _answers(self) -> Answers[Image]:
+        return Answers(lambda image: to_proto(image, self.store.pinned(image)))
+
+    def _selected(self, request: pb.ListImagesRequest | pb.StreamImagesRequest,
+                  images: Mapping[str, Image]) -> list[Image]:
         wanted = request.filter.image.image.strip() if request.HasField("filter") else ""
         if wanted:
-            image = self.store.find(wanted)
-            return [self._proto(image)] if image is not None else []
-        return [self._proto(i) for i in self.store.images()]
+            image = find_in(images, self.store.registries_conf, wanted)
+            return [image] if image is not None else []
+        return list(images.values())
 
-    def _proto(self, image: Image) -> pb.Image:
-        return to_proto(image, self.store.pinned(image))
+    @read
+    async def ListImages(self, request: pb.ListImagesRequest, context: Ctx) -> bytes:
+        images = self.store.published()
+        # The answer depends on the pinned patterns too (replaced on SIGHUP).
+        pinned = self.store.pinned
+        if not request.HasField("filter") or not request.filter.image.image.strip():
+            return self._answers.listing(images, 1, lambda i: list(i.values()), pinned)
+        return self._answers.repeated(1, self._selected(request, images), pinned)
 
-    @unary
-    async def ListImages(self, request: pb.ListImagesRequest, context: Ctx
-                         ) -> pb.ListImagesResponse:
-        return pb.ListImagesResponse(images=self._list(request))
-
-    @stream
+    @read_stream
     async def StreamImages(self, request: pb.StreamImagesRequest, context: Ctx
-                           ) -> AsyncIterator[pb.StreamImagesResponse]:
-        images = self._list(request)
+                           ) -> AsyncIterator[bytes]:
+        pinned = self.store.pinned
+        images = self._selected(request, self.store.published())
         for start in range(0, len(images), STREAM_BATCH):
-            yield pb.StreamImagesResponse(images=images[start:start + STREAM_BATCH])
+            yield self._answers.repeated(1, images[start:start + STREAM_BATCH], pinned)
 
-    @unary
-    async def ImageStatus(self, request: pb.ImageStatusRequest, context: Ctx
-                          ) -> pb.ImageStatusResponse:
-        image = self.store.find(_image_name(request.image, "image.image"))
+    @read
+    async def ImageStatus(self, request: pb.ImageStatusRequest, context: Ctx) -> bytes:
+        image = find_in(self.store.published(), self.store.registries_conf,
+                        _image_name(request.image, "image.image"))
         if image is None:
-            return pb.ImageStatusResponse()
-        info: dict[str, str] = {}
+            return b""
+        answer = wire.embed(1, self._answers.get(image, self.store.pinned))
         if request.verbose:
-            info["info"] = json.dumps({
+            info = json.dumps({
                 "id": image.id,
                 "repoTags": image.repo_tags,
                 "repoDigests": image.repo_digests,
@@ -107,7 +117,8 @@ class ImageService(pb_grpc.ImageServiceServicer):
                 "pulledAt": image.pulled_at,
                 "imageSpec": image.config.raw,
             })
-        return pb.ImageStatusResponse(image=self._proto(image), info=info)
+            answer += pb.ImageStatusResponse(info={"info": info}).SerializeToString()
+        return answer
 
     @unary
     async def PullImage(self, request: pb.PullImageRequest, context: Ctx

@@ -1,23 +1,24 @@
-"""Protobuf messages of domain objects, built once per change instead of once per call.
+"""Serialized answers of published objects, built once per change instead of once per call.
 
-kubelet relists every second (``ListContainers`` and ``ListPodSandbox`` without a filter);
-building a ``pb.Container`` costs ~11 us and a 500-item response ~8 ms of event-loop time.
-A :class:`MessageCache` keeps each object's message with the *fingerprint* it was built
-from: a tuple of exactly the values the message is made of, compared with ``==`` on every
-call (cheap: the values are identical objects until something changes). The whole
-unfiltered response is kept the same way, with the list of fingerprints it was built from.
+kubelet relists every second (``ListPodSandbox`` and ``ListContainers`` without a filter)
+and asks the status of each pod and container that changed. The read path answers from the
+managers' published copies (``state.published``): a copy is never modified, and a change
+publishes a new one, so the serialized message of a copy can be kept and reused as long as
+the same copy is published (identity, no comparison), and a whole listing as long as the
+published mapping is the same object. Answers are assembled from the kept bytes
+(``server/wire.py``): a relist of 500 unchanged containers costs a dictionary lookup.
 
-A fingerprint must name every value its message reads. Nested values are frozen dataclasses
-(the spec, the image view): the objects' code replaces them to change them, never mutates
-them in place, so an unchanged one compares identical.
+One :class:`Answers` per kind of message; used by the gRPC thread only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any, Generic, Protocol, TypeVar
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Generic, Protocol, TypeVar
 
 from google.protobuf.message import Message
+
+from moorage.server import wire
 
 
 class _HasId(Protocol):
@@ -26,49 +27,39 @@ class _HasId(Protocol):
 
 
 T = TypeVar("T", bound=_HasId)
-M = TypeVar("M", bound=Message)
-R = TypeVar("R", bound=Message)
 
 
-class MessageCache(Generic[T, M, R]):
-    """``build(obj)`` cached per object id while ``fingerprint(obj)`` stays equal, and the
-    response ``respond(messages)`` of a whole listing while no object in it changed.
+class Answers(Generic[T]):
+    """``build(obj)`` serialized, kept per object id while ``obj`` is the same copy (and
+    ``variant``, anything else the message depends on, the same object)."""
 
-    Returned messages are shared between calls: callers must not modify them.
-    """
-
-    def __init__(self, build: Callable[[T], M], fingerprint: Callable[[T], tuple[Any, ...]],
-                 respond: Callable[[list[M]], R]) -> None:
+    def __init__(self, build: Callable[[T], Message]) -> None:
         self._build = build
-        self._fingerprint = fingerprint
-        self._respond = respond
-        self._items: dict[str, tuple[tuple[Any, ...], M]] = {}
-        self._listing: tuple[list[tuple[Any, ...]], R] | None = None
+        self._items: dict[str, tuple[T, object, bytes]] = {}
+        self._listing: tuple[Mapping[str, T], object, bytes] | None = None
 
-    def _message(self, obj: T, fp: tuple[Any, ...]) -> M:
+    def get(self, obj: T, variant: object = None) -> bytes:
         hit = self._items.get(obj.id)
-        if hit is not None and hit[0] == fp:
-            return hit[1]
-        msg = self._build(obj)
-        self._items[obj.id] = (fp, msg)
-        return msg
+        if hit is not None and hit[0] is obj and hit[1] is variant:
+            return hit[2]
+        data = self._build(obj).SerializeToString()
+        self._items[obj.id] = (obj, variant, data)
+        return data
 
-    def message(self, obj: T) -> M:
-        """``obj``'s message, rebuilt only if its fingerprint changed."""
-        return self._message(obj, self._fingerprint(obj))
+    def repeated(self, field: int, objs: Iterable[T], variant: object = None) -> bytes:
+        """Field ``field`` repeated with the message of each of ``objs``."""
+        return wire.repeated(field, (self.get(o, variant) for o in objs))
 
-    def messages(self, objs: Sequence[T]) -> list[M]:
-        return [self.message(o) for o in objs]
-
-    def listing(self, objs: Sequence[T]) -> R:
-        """The response listing ``objs`` (every object, in order): the previous response
-        while the objects and their fingerprints are the same, else a new one. Entries of
-        objects no longer listed are dropped."""
-        fps = [self._fingerprint(o) for o in objs]
-        if self._listing is not None and self._listing[0] == fps:
-            return self._listing[1]
-        msgs = [self._message(o, fp) for o, fp in zip(objs, fps, strict=True)]
-        self._items = {o.id: self._items[o.id] for o in objs}
-        response = self._respond(msgs)
-        self._listing = (fps, response)
-        return response
+    def listing(self, items: Mapping[str, T], field: int,
+                select: Callable[[Mapping[str, T]], Sequence[T]],
+                variant: object = None) -> bytes:
+        """The answer listing ``select(items)`` as field ``field``: the previous one while
+        ``items`` (a published mapping) and ``variant`` are the same objects. Kept
+        messages of objects no longer published are dropped."""
+        if self._listing is not None and self._listing[0] is items and (
+                self._listing[1] is variant):
+            return self._listing[2]
+        data = self.repeated(field, select(items), variant)
+        self._items = {k: v for k, v in self._items.items() if k in items}
+        self._listing = (items, variant, data)
+        return data

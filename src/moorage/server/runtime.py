@@ -18,7 +18,7 @@ from moorage.errors import InvalidArgument
 from moorage.events import ContainerEvent, EventBroadcaster
 from moorage.sandbox.manager import SandboxManager
 from moorage.server.container import ContainerRpcs
-from moorage.server.rpc import Ctx, fill_unimplemented, unary
+from moorage.server.rpc import Ctx, fill_unimplemented, read, unary
 from moorage.server.sandbox import SandboxRpcs
 from moorage.server.stats import StatsRpcs
 from moorage.server.streaming import StreamingRpcs
@@ -27,6 +27,14 @@ from moorage.streaming import StreamingServer
 RUNTIME_NAME = "moorage"
 #: The kubelet-facing API version field of VersionResponse, fixed by the CRI.
 KUBE_API_VERSION = "0.1.0"
+
+
+_VERSION = pb.VersionResponse(
+    version=KUBE_API_VERSION,
+    runtime_name=RUNTIME_NAME,
+    runtime_version=__version__,
+    runtime_api_version=CRI_API_VERSION,
+).SerializeToString()
 
 
 class RuntimeService(StatsRpcs, SandboxRpcs, ContainerRpcs, StreamingRpcs,
@@ -49,14 +57,15 @@ class RuntimeService(StatsRpcs, SandboxRpcs, ContainerRpcs, StreamingRpcs,
         self.sandboxes = sandboxes
         self.handlers = handlers
 
-    @unary
-    async def Version(self, request: pb.VersionRequest, context: Ctx) -> pb.VersionResponse:
-        return pb.VersionResponse(
-            version=KUBE_API_VERSION,
-            runtime_name=RUNTIME_NAME,
-            runtime_version=__version__,
-            runtime_api_version=CRI_API_VERSION,
-        )
+    @read
+    async def Version(self, request: pb.VersionRequest, context: Ctx) -> bytes:
+        return _VERSION
+
+    @read
+    async def RuntimeConfig(self, request: pb.RuntimeConfigRequest, context: Ctx) -> bytes:
+        driver = pb.SYSTEMD if self.cgroup_manager == "systemd" else pb.CGROUPFS
+        return pb.RuntimeConfigResponse(
+            linux=pb.LinuxRuntimeConfiguration(cgroup_driver=driver)).SerializeToString()
 
     @unary
     async def Status(self, request: pb.StatusRequest, context: Ctx) -> pb.StatusResponse:
@@ -98,12 +107,6 @@ class RuntimeService(StatsRpcs, SandboxRpcs, ContainerRpcs, StreamingRpcs,
                     f"runtime_config.network_config.pod_cidr: {cidr!r} is not a CIDR") from e
         self.sandboxes.cni.set_pod_cidr(cidr)
         return pb.UpdateRuntimeConfigResponse()
-
-    @unary
-    async def RuntimeConfig(self, request: pb.RuntimeConfigRequest, context: Ctx
-                            ) -> pb.RuntimeConfigResponse:
-        driver = pb.SYSTEMD if self.cgroup_manager == "systemd" else pb.CGROUPFS
-        return pb.RuntimeConfigResponse(linux=pb.LinuxRuntimeConfiguration(cgroup_driver=driver))
 
 
 fill_unimplemented(RuntimeService, pb.DESCRIPTOR.services_by_name["RuntimeService"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 from collections.abc import AsyncIterator, Iterable
@@ -12,11 +13,12 @@ from moorage.errors import InvalidArgument
 from moorage.network import Bandwidth, PortMapping
 from moorage.sandbox.cgroups import Resources
 from moorage.sandbox.files import DnsConfig
-from moorage.sandbox.manager import SandboxFilter, SandboxManager
+from moorage.sandbox.manager import SandboxFilter, SandboxManager, get_in, select_in
 from moorage.sandbox.model import Mode, Sandbox, SandboxSpec, State, UserNamespace
 from moorage.sandbox.userns import FIELD
-from moorage.server.msgcache import MessageCache
-from moorage.server.rpc import Ctx, stream, unary
+from moorage.server import wire
+from moorage.server.msgcache import Answers
+from moorage.server.rpc import Ctx, read, read_stream, unary
 from moorage.util import codec
 from moorage.util.idmap import IdMapping
 from moorage.util.quantity import parse_quantity
@@ -143,18 +145,6 @@ def to_pod_sandbox(sb: Sandbox) -> pb.PodSandbox:
     )
 
 
-def _fingerprint(sb: Sandbox) -> tuple[Any, ...]:
-    """Every value :func:`to_pod_sandbox` reads (the spec is frozen: replaced when it
-    changes, never modified)."""
-    return (sb.id, sb.state, sb.created_at, sb.spec, sb.runtime_handler)
-
-
-def _list_response(items: list[pb.PodSandbox]) -> pb.ListPodSandboxResponse:
-    response = pb.ListPodSandboxResponse()
-    response.items.extend(items)
-    return response
-
-
 def to_status(sb: Sandbox) -> pb.PodSandboxStatus:
     s = sb.spec
     ips = sb.ips if sb.state == State.READY else []
@@ -191,9 +181,12 @@ class SandboxRpcs:
     sandboxes: SandboxManager
 
     @functools.cached_property
-    def _sandbox_messages(self) -> MessageCache[Sandbox, pb.PodSandbox,
-                                                pb.ListPodSandboxResponse]:
-        return MessageCache(to_pod_sandbox, _fingerprint, _list_response)
+    def _sandbox_answers(self) -> Answers[Sandbox]:
+        return Answers(to_pod_sandbox)
+
+    @functools.cached_property
+    def _sandbox_status_answers(self) -> Answers[Sandbox]:
+        return Answers(to_status)
 
     def _verbose_info(self, sb: Sandbox) -> dict[str, str]:
         pinned = self.sandboxes.pinned(sb)
@@ -227,30 +220,31 @@ class SandboxRpcs:
         await self.sandboxes.remove(_required_id(request.pod_sandbox_id))
         return pb.RemovePodSandboxResponse()
 
-    @unary
+    @read
     async def PodSandboxStatus(self, request: pb.PodSandboxStatusRequest, context: Ctx
-                               ) -> pb.PodSandboxStatusResponse:
-        sb = self.sandboxes.get(request.pod_sandbox_id)
-        info = self._verbose_info(sb) if request.verbose else {}
-        return pb.PodSandboxStatusResponse(status=to_status(sb), info=info)
+                               ) -> bytes:
+        sb = get_in(self.sandboxes.published(), request.pod_sandbox_id)
+        answer = wire.embed(1, self._sandbox_status_answers.get(sb))
+        if request.verbose:
+            info = await asyncio.to_thread(self._verbose_info, sb)
+            answer += pb.PodSandboxStatusResponse(info=info).SerializeToString()
+        return answer
 
-    @unary
-    async def ListPodSandbox(self, request: pb.ListPodSandboxRequest, context: Ctx
-                             ) -> pb.ListPodSandboxResponse:
+    @read
+    async def ListPodSandbox(self, request: pb.ListPodSandboxRequest, context: Ctx) -> bytes:
         flt = _filter(request.filter if request.HasField("filter") else None)
-        selected = self.sandboxes.select(flt)
-        if flt is None:  # kubelet's relist: the same response while nothing changed
-            return self._sandbox_messages.listing(selected)
-        return _list_response(self._sandbox_messages.messages(selected))
+        items = self.sandboxes.published()
+        if flt is None:  # kubelet's relist: the same answer while nothing changed
+            return self._sandbox_answers.listing(items, 1, select_in)
+        return self._sandbox_answers.repeated(1, select_in(items, flt))
 
-    @stream
+    @read_stream
     async def StreamPodSandboxes(self, request: pb.StreamPodSandboxesRequest, context: Ctx
-                                 ) -> AsyncIterator[pb.StreamPodSandboxesResponse]:
+                                 ) -> AsyncIterator[bytes]:
         flt = _filter(request.filter if request.HasField("filter") else None)
-        items = self._sandbox_messages.messages(self.sandboxes.select(flt))
-        for start in range(0, len(items), STREAM_BATCH):
-            yield pb.StreamPodSandboxesResponse(
-                pod_sandboxes=items[start:start + STREAM_BATCH])
+        selected = select_in(self.sandboxes.published(), flt)
+        for start in range(0, len(selected), STREAM_BATCH):
+            yield self._sandbox_answers.repeated(1, selected[start:start + STREAM_BATCH])
 
 
 def _required_id(value: str) -> str:
